@@ -1,4 +1,5 @@
-"""Build the experiment's splits and runs/<run>/manifest.json from a SmolTalk-shaped chat source.
+"""Build the experiment's splits and runs/<run>/manifest.json from a SmolTalk-shaped chat source,
+or (--task taboo) from playpen-style Taboo game transcripts.
 
 Splits written under <run-dir>/data/:
   train_base  the training pool: the base adapter trains on it and attribution ranks its rows
@@ -10,6 +11,23 @@ Splits written under <run-dir>/data/:
 A source with a `test` split gives attr_query/eval from it and train_base from `train`. A source
 without one (a single JSONL, say) has attr_query and eval carved out by whole groups of
 --group-column, so no group (e.g. one instruction answered by ten models) is in two splits.
+
+--task taboo reads playpen-style rows: `messages` (the player's view of one episode) and `meta`
+(game, game_role, experiment, task_id, outcome, model, optionally target_word/related_word). It
+keeps one game and role (default: taboo, WordGuesser), drops aborted episodes, and always carves
+attr_query and eval out by whole target words: no eval word is a target in train_base or
+attr_query, and attr_query shares no word with train_base either. Columns are the chat path's plus
+target_word and related_words, mapped as
+  category            = meta.experiment (e.g. high_en; the strata of the sampling)
+  difficulty          = the experiment's frequency level (high / medium / low)
+  quality             = meta.outcome (success / failure / ...)
+  reward_model_score  = 1.0 for outcome success, 0.0 for any other outcome, None without one
+  conversation_tokens = the row's conversation_tokens when present, else a cheap proxy:
+                        whitespace-separated words over all turns (no tokenizer involved)
+  group_id            = {category}::{difficulty}::{source split}::g{target word}
+The target word comes from meta.target_word, else from the Taboo instances file (--instances,
+clembench v2.0 layout) keyed by (meta.experiment, meta.task_id = the instance's game_id).
+--min-reward-model-score 1 keeps only won games.
 """
 
 from __future__ import annotations
@@ -24,21 +42,35 @@ import numpy as np
 
 from pipeline import (MANIFEST_SCHEMA_VERSION, SPLIT_COLUMNS, PipelineError, provenance,
                       publish_dir, relative_to, run_main, staging_dir, write_json_atomic)
+from taboo import (DEFAULT_INSTANCES, frequency_level, load_instances, normalize_word, parse_guess,
+                   same_word)
 
 METADATA_COLUMNS = ["category", "difficulty", "quality", "reward_model_score"]
 LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
+# per --task: (run dir, dataset name, dataset config) when the flags are not given
+TASK_DEFAULTS = {
+    "chat": ("runs/smoltalk_v1", "HuggingFaceTB/smoltalk", "smol-magpie-ultra"),
+    "taboo": ("runs/taboo_v1", "colab-potsdam/playpen-data", None),
+}
+TABOO_COLUMNS = ["target_word", "related_words"]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", default="runs/smoltalk_v1",
-                   help="output folder: manifest.json and data/<split>/ (default: %(default)s)")
-    p.add_argument("--dataset-name", default="HuggingFaceTB/smoltalk",
+    p.add_argument("--task", choices=sorted(TASK_DEFAULTS), default="chat",
+                   help="chat: SmolTalk-shaped rows; taboo: playpen-style Taboo transcripts, "
+                        "split by target word (default: chat)")
+    p.add_argument("--run-dir", default=None,
+                   help="output folder: manifest.json and data/<split>/ (default: "
+                        "runs/smoltalk_v1; with --task taboo runs/taboo_v1)")
+    p.add_argument("--dataset-name", default=None,
                    help="hub dataset name, or a local file (.jsonl, .jsonl.gz, .json, .parquet) "
-                        "or a datasets.save_to_disk folder (default: %(default)s)")
-    p.add_argument("--dataset-config", default="smol-magpie-ultra",
-                   help="hub dataset config; ignored for local sources (default: %(default)s)")
+                        "or a datasets.save_to_disk folder (default: HuggingFaceTB/smoltalk; "
+                        "with --task taboo colab-potsdam/playpen-data)")
+    p.add_argument("--dataset-config", default=None,
+                   help="hub dataset config; ignored for local sources (default: "
+                        "smol-magpie-ultra; with --task taboo none)")
     p.add_argument("--train-size", type=int, default=8000, help="rows in train_base (default: 8000)")
     p.add_argument("--query-size", type=int, default=500, help="rows in attr_query (default: 500)")
     p.add_argument("--eval-size", type=int, default=500, help="rows in eval (default: 500)")
@@ -52,13 +84,37 @@ def parse_args(argv=None):
                         "when attr_query/eval are carved out (e.g. instruction_id). Required then.")
     p.add_argument("--drop-bad-rows", action="store_true",
                    help="drop rows that cannot be flattened (no messages, final turn not from the "
-                        "assistant, empty completion) and count them, instead of stopping")
+                        "assistant, empty completion; with --task taboo also no readable meta or "
+                        "no recoverable target word) and count them, instead of stopping")
+    taboo = p.add_argument_group("--task taboo")
+    taboo.add_argument("--instances", default=None,
+                       help="clembench Taboo instances file: the target word of a row without "
+                            "meta.target_word is looked up by (experiment, task_id) there "
+                            f"(default: {DEFAULT_INSTANCES}, read only if some row needs it)")
+    taboo.add_argument("--taboo-game", default="taboo", help="keep rows of this meta.game "
+                                                              "(default: %(default)s)")
+    taboo.add_argument("--taboo-role", default="WordGuesser",
+                       help="keep rows of this meta.game_role (default: %(default)s)")
+    taboo.add_argument("--taboo-drop-outcomes", default="aborted",
+                       help="comma-separated meta.outcome values to drop; '' keeps all "
+                            "(default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing manifest in --run-dir")
     args = p.parse_args(argv)
     for flag in ("train_size", "query_size", "eval_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    run_dir, dataset_name, dataset_config = TASK_DEFAULTS[args.task]
+    args.run_dir = args.run_dir or run_dir
+    args.dataset_name = args.dataset_name or dataset_name
+    if args.dataset_config is None:
+        args.dataset_config = dataset_config
+    if args.task == "taboo":
+        if args.group_column:
+            p.error("--group-column is fixed to the target word with --task taboo")
+        args.group_column = "target_word"
+        args.taboo_drop_outcomes = [o.strip() for o in args.taboo_drop_outcomes.split(",")
+                                    if o.strip()]
     return args
 
 
@@ -224,6 +280,156 @@ def build_rows(source: dict[str, list[dict]], source_label: str, args) -> tuple[
 
 
 # ---------------------------------------------------------------------------------------------
+# Taboo: playpen-style transcripts (messages + meta), one row per player and episode
+
+
+def taboo_meta(row: dict) -> dict | None:
+    """The row's meta as a dict; some exports store it as a JSON string."""
+    meta = row.get("meta")
+    if isinstance(meta, str):
+        try:
+            meta = json.loads(meta)
+        except json.JSONDecodeError:
+            return None
+    return meta if isinstance(meta, dict) else None
+
+
+class TabooTargets:
+    """Target word (and related words) of a row: meta first, else the instances file. The file
+    is read only when a row needs it, so data that carries its targets needs no file."""
+
+    def __init__(self, path: str | None):
+        self.path = Path(path or DEFAULT_INSTANCES)
+        self.explicit = path is not None
+        self._instances = None
+        if self.explicit:
+            self._instances = load_instances(self.path)
+
+    def instances(self) -> dict | None:
+        if self._instances is None and self.path.is_file():
+            self._instances = load_instances(self.path)
+        return self._instances
+
+    def lookup(self, meta: dict) -> tuple[str | None, list[str], str | None, str | None]:
+        """(target word, related words, where the target came from, why it could not be found)."""
+        related = meta.get("related_word", meta.get("related_words"))
+        if isinstance(related, str):
+            related = [related]
+        target = meta.get("target_word")
+        if isinstance(target, str) and normalize_word(target):
+            return normalize_word(target), [str(w) for w in related or []], "meta", None
+        experiment, task_id = meta.get("experiment"), meta.get("task_id")
+        instances = self.instances()
+        if instances is None:
+            return None, [], None, (f"no meta.target_word, and the instances file {self.path} "
+                                    "does not exist (pass --instances)")
+        try:
+            instance = instances.get((str(experiment), int(task_id)))
+        except (TypeError, ValueError):
+            instance = None
+        if instance is None:
+            return None, [], None, (f"no meta.target_word, and (experiment {experiment!r}, "
+                                    f"task_id {task_id!r}) is not in {self.path}")
+        related = related if related else instance["related_word"]
+        return (normalize_word(instance["target_word"]), [str(w) for w in related],
+                "instances", None)
+
+
+def conversation_words(messages) -> int:
+    """Stand-in for conversation_tokens where playpen rows have none: whitespace-separated words
+    over all turns. Cheap and tokenizer-free; only --max-conversation-tokens reads it."""
+    return sum(len(str(m.get("content", "")).split()) for m in messages if isinstance(m, dict))
+
+
+def build_taboo_rows(source: dict[str, list[dict]], source_label: str, args) -> tuple[dict, dict]:
+    """Filter to one game and role, drop unwanted outcomes, flatten, recover target words.
+    Returns ({split: rows}, filter_stats) in build_rows' shape, group_key = target word."""
+    targets = TabooTargets(args.instances)
+    drop_outcomes = set(args.taboo_drop_outcomes)
+    stats = {"per_source_split": {}}
+    flattened = {}
+
+    def bad(counts, where, problem, counter):
+        if not args.drop_bad_rows:
+            raise PipelineError(f"{where}: {problem} (--drop-bad-rows drops such rows)")
+        counts[counter] += 1
+
+    for split, rows in source.items():
+        counts = Counter(rows_in=len(rows))
+        kept = []
+        for index, row in enumerate(rows):
+            where = f"{source_label} split '{split}' row {index}"
+            meta = taboo_meta(row)
+            if meta is None:
+                bad(counts, where, "missing or unreadable 'meta'", "dropped_no_meta")
+                continue
+            if meta.get("game") != args.taboo_game:
+                counts["dropped_other_game"] += 1
+                continue
+            if meta.get("game_role") != args.taboo_role:
+                counts["dropped_other_role"] += 1
+                continue
+            outcome = meta.get("outcome")
+            if outcome in drop_outcomes:
+                counts[f"dropped_outcome_{outcome}"] += 1
+                continue
+            prompt, completion, problem = flatten_row(row)
+            if problem is not None:
+                bad(counts, where, problem, "dropped_unflattenable")
+                continue
+            target, related, target_from, problem = targets.lookup(meta)
+            if target is None:
+                bad(counts, where, problem, "dropped_no_target")
+                continue
+            counts["flattened"] += 1
+            counts[f"target_word_from_{target_from}"] += 1
+            # a won game whose last guess is not the target means the target is wrong, most
+            # likely an instances file of another clembench version than the transcripts
+            if outcome == "success" and not same_word(parse_guess(completion), target):
+                counts[f"success_but_last_guess_not_target_from_{target_from}"] += 1
+            tokens = row.get("conversation_tokens", meta.get("conversation_tokens"))
+            if tokens is None:
+                tokens = conversation_words(row["messages"])
+                counts["conversation_tokens_proxy"] += 1
+            if tokens > args.max_conversation_tokens:
+                counts["dropped_too_long"] += 1
+                continue
+            reward = None if outcome is None else float(outcome == "success")
+            if args.min_reward_model_score is not None and (
+                    reward is None or reward < args.min_reward_model_score):
+                counts["dropped_reward"] += 1
+                continue
+            experiment = str(meta.get("experiment") or "unknown")
+            kept.append({
+                "row_local_index": index,
+                "source_split": split,
+                "prompt": prompt,
+                "completion": completion,
+                "category": experiment,
+                "difficulty": frequency_level(experiment),
+                "quality": None if outcome is None else str(outcome),
+                "reward_model_score": reward,
+                "conversation_tokens": int(tokens),
+                "group_key": target,
+                "target_word": target,
+                "related_words": related,
+            })
+        counts["rows_kept"] = len(kept)
+        stats["per_source_split"][split] = dict(counts)
+        flattened[split] = kept
+    totals = Counter()
+    for counts in stats["per_source_split"].values():
+        totals.update(counts)
+    stats["total"] = dict(totals)
+    stats["max_conversation_tokens"] = args.max_conversation_tokens
+    stats["min_reward_model_score"] = args.min_reward_model_score
+    stats["taboo"] = {"game": args.taboo_game, "role": args.taboo_role,
+                      "drop_outcomes": sorted(drop_outcomes),
+                      "instances": str(targets.path.resolve()) if targets._instances else None}
+    return flattened, stats
+
+
+# ---------------------------------------------------------------------------------------------
 # deterministic sampling
 
 
@@ -277,7 +483,9 @@ def carve_by_group(rows: list[dict], sizes: dict[str, int], rng: np.random.Gener
 def make_splits(flattened: dict[str, list[dict]], args) -> tuple[dict[str, list[dict]], dict]:
     rng = np.random.default_rng(args.seed)
     held_out_sizes = {"attr_query": args.query_size, "eval": args.eval_size}
-    if "test" in flattened:
+    # Taboo always carves by target word, even from a source with a test split: a word seen in
+    # training must not be a held-out target
+    if "test" in flattened and args.task == "chat":
         if "train" not in flattened:
             raise PipelineError("the source has a 'test' split but no 'train' split")
         test_rows = flattened["test"]
@@ -333,6 +541,9 @@ def finalize_rows(rows: list[dict], group_column: str | None) -> list[dict]:
             "reward_model_score": row["reward_model_score"],
             "conversation_tokens": row["conversation_tokens"],
         })
+        if "target_word" in row:
+            out[-1]["target_word"] = row["target_word"]
+            out[-1]["related_words"] = list(row["related_words"])
     return out
 
 
@@ -381,6 +592,26 @@ def run_checks(splits: dict[str, list[dict]], requested: dict[str, int], grouped
     return {"passed": [1, 2, 3 if grouped else "3 (no groups: row-disjointness is check 2)", 4, 5]}
 
 
+def run_taboo_checks(splits: dict[str, list[dict]]) -> list[str]:
+    """Check 3 on the words themselves (group_id also carries category and source split, so a
+    word in two experiments would slip past it), and every row has its target word."""
+    for name, rows in splits.items():
+        for row in rows:
+            missing = [c for c in TABOO_COLUMNS if c not in row]
+            if missing or not row["target_word"]:
+                raise PipelineError(f"check 5 failed: split '{name}' row {row['row_id']} lacks "
+                                    f"{', '.join(missing) or 'a target word'}")
+    words = {name: {r["target_word"] for r in splits[name]}
+             for name in ("train_base", "attr_query", "eval")}
+    for a, b in (("train_base", "attr_query"), ("train_base", "eval"), ("attr_query", "eval")):
+        shared = words[a] & words[b]
+        if shared:
+            raise PipelineError(f"check 3 failed: target word '{sorted(shared)[0]}' is in '{a}' "
+                                f"and '{b}'")
+    return ["3 (taboo: no target word in two of train_base, attr_query, eval)",
+            "5 (taboo: every row has target_word and related_words)"]
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -402,6 +633,26 @@ def category_distribution(rows: list[dict]) -> dict[str, int]:
     return dict(sorted(Counter(r["category"] for r in rows).items()))
 
 
+def taboo_summary(splits: dict[str, list[dict]], filter_stats: dict) -> dict:
+    names = ("train_base", "attr_query", "eval")
+    return {
+        **filter_stats["taboo"],
+        "words_per_split": {n: sorted({r["target_word"] for r in splits[n]}) for n in names},
+        "num_words_per_split": {n: len({r["target_word"] for r in splits[n]}) for n in names},
+        "outcomes_per_split": {n: dict(sorted(Counter(str(r["quality"]) for r in splits[n])
+                                              .items())) for n in names},
+        "column_mapping": {
+            "category": "meta.experiment", "difficulty": "frequency level of the experiment",
+            "quality": "meta.outcome", "reward_model_score": "1.0 if outcome == success, else "
+                                                            "0.0; None without an outcome",
+            "conversation_tokens": "the row's conversation_tokens if present, else whitespace "
+                                   "words over all turns (a proxy, no tokenizer)",
+            "target_word": "meta.target_word, else the instances file by (experiment, task_id)",
+            "group_id": "{category}::{difficulty}::{source_split}::g{target_word}",
+        },
+    }
+
+
 def main(argv=None):
     args = parse_args(argv)
     run_dir = Path(args.run_dir)
@@ -412,17 +663,26 @@ def main(argv=None):
     source, source_label = read_source(args.dataset_name, args.dataset_config)
     print(f"read {sum(len(r) for r in source.values())} rows from {source_label} "
           f"(splits: {', '.join(f'{k}={len(v)}' for k, v in source.items())})")
-    flattened, filter_stats = build_rows(source, source_label, args)
+    if args.task == "taboo":
+        flattened, filter_stats = build_taboo_rows(source, source_label, args)
+        for key, n in filter_stats["total"].items():
+            if key.startswith("success_but_last_guess_not_target"):
+                print(f"warning: {n} won game(s) end in a guess that is not their target word "
+                      f"({key}); is --instances the version the transcripts were played with?")
+    else:
+        flattened, filter_stats = build_rows(source, source_label, args)
     sampled, split_policy = make_splits(flattened, args)
     splits = {name: finalize_rows(rows, args.group_column) for name, rows in sampled.items()}
     checks = run_checks(splits, split_policy["requested"], grouped=bool(args.group_column))
+    if args.task == "taboo":
+        checks["passed"] += run_taboo_checks(splits)
 
     entries = save_splits(splits, run_dir)
     entries["score_pool"] = dict(entries["train_base"], same_rows_as="train_base")
     manifest = {
         "schema_version": MANIFEST_SCHEMA_VERSION,
         "kind": "main",
-        "task": "chat",
+        "task": args.task,
         "dataset": {"name": args.dataset_name, "config": args.dataset_config,
                     "resolved": source_label},
         "splits": entries,
@@ -439,6 +699,10 @@ def main(argv=None):
         "checks": checks,
         "provenance": provenance(seed=args.seed),
     }
+    if args.task == "taboo":
+        manifest["split_notes"]["eval"] = ("held out for eval loss and eval_words.py; none of its "
+                                           "target words is a target in train_base or attr_query")
+        manifest["taboo"] = taboo_summary(splits, filter_stats)
     write_json_atomic(manifest_path, manifest)
     sizes = ", ".join(f"{name}={entry['num_rows']}" for name, entry in entries.items())
     print(f"wrote {manifest_path} ({sizes})")

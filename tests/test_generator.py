@@ -1,0 +1,463 @@
+"""generate_synthetic_openrouter.py against a scripted chat-completions server on 127.0.0.1 that
+the test runs itself: rule-breaking clues, empty guesses, 429 / 500 / timeouts, a rejected key,
+a kill-and-resume, and the rows it writes going through dataset.py --task taboo."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import taboo_fixture
+from conftest import ROOT, run_script
+
+KEY = "sk-test-NOT-A-REAL-KEY-0123456789"
+SCRIPT = "generate_synthetic_openrouter.py"
+# (target, related): faults and behaviours of the fake API are keyed by target word
+WORDS = [
+    ("apple", ["fruit", "tree", "red"]),      # first clue of every turn breaks the rules
+    ("storm", ["rain", "wind", "thunder"]),   # first request: 429 with Retry-After: 0
+    ("river", ["water", "flow", "bank"]),     # first request: 500
+    ("cloud", ["sky", "white", "rain"]),      # first request: slower than --timeout
+    ("stone", ["rock", "hard", "pebble"]),    # every request: 500 -> the game fails
+    ("lamp", ["light", "bulb", "desk"]),      # every clue breaks the rules
+    ("ocean", ["sea", "salt", "wave"]),       # guesser-empty never gives a usable guess
+    ("garden", ["plant", "flower", "yard"]),
+    ("violet", ["purple", "flower", "color"]),
+    ("planet", ["orbit", "star", "earth"]),
+    ("silver", ["metal", "coin", "grey"]),
+    ("window", ["glass", "pane", "frame"]),
+]
+GUESSERS = ["guesser-good", "guesser-slow", "guesser-bad", "guesser-empty"]
+
+
+class FakeApi:
+    """Scripted replies. Clues are 'mystery item N'; the server remembers N -> target, so the
+    guessers can answer right or wrong on purpose."""
+
+    def __init__(self, block_after=None, max_requests=3000):
+        self.lock = threading.Lock()
+        self.requests = []
+        self.served = Counter()
+        self.clue_targets = {}
+        self.faulted = set()
+        self.block_after = block_after
+        self.release = threading.Event()
+        self.max_requests = max_requests
+
+    def target_of_describer(self, messages):
+        text = messages[0]["content"]
+        match = re.search(r"needs to guess:\s+(\S+)", text) or re.search(r"Describe (\S+?)\.",
+                                                                          text)
+        return match.group(1)
+
+    def reply(self, body):
+        """(status, headers, payload or None, sleep seconds)."""
+        model, messages = body["model"], body["messages"]
+        with self.lock:
+            self.requests.append(model)
+            count = len(self.requests)
+        if count > self.max_requests:
+            return 500, {}, {"error": "too many requests in one test"}, 0
+        if self.block_after is not None and count > self.block_after:
+            self.release.wait(30)
+            return 503, {}, {"error": "released"}, 0
+        if model == "describer":
+            target = self.target_of_describer(messages)
+            repair = "not valid" in messages[-1]["content"]
+            with self.lock:
+                first = target not in self.faulted
+                self.faulted.add(target)
+            if target == "stone":
+                return 500, {}, {"error": "stone always fails"}, 0
+            if first and target == "storm":
+                return 429, {"Retry-After": "0"}, {"error": "rate limited"}, 0
+            if first and target == "river":
+                return 500, {}, {"error": "boom"}, 0
+            if first and target == "cloud":
+                return 200, {}, None, 2.5
+            if target == "lamp" or (target == "apple" and not repair):
+                return 200, {}, self.completion(f"CLUE: It is a {target}, obviously."), 0
+            with self.lock:
+                number = len(self.clue_targets)
+                self.clue_targets[number] = target
+            return 200, {}, self.completion(f"CLUE: mystery item {number}"), 0
+        clue_ids = re.findall(r"mystery item (\d+)", " ".join(
+            m["content"] for m in messages if m["role"] == "user"))
+        target = self.clue_targets[int(clue_ids[-1])]
+        repair = "no guess" in messages[-1]["content"]
+        # a repair request carries the rejected reply as one more assistant turn
+        turn = 1 + sum(m["role"] == "assistant" for m in messages) - (1 if repair else 0)
+        if model == "guesser-good":
+            text = f"GUESS: {target.capitalize()}"
+        elif model == "guesser-slow":
+            text = "GUESS: pebble" if turn < 2 else f"**GUESS:** {target}."
+        elif model == "guesser-bad":
+            text = "GUESS: nothing"
+        elif target == "ocean":
+            text = "GUESS: <a word>"
+        else:
+            text = f"GUESS: {target}" if repair else ""
+        return 200, {}, self.completion(text), 0
+
+    @staticmethod
+    def completion(text):
+        return {"id": "x", "object": "chat.completion",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": text}}]}
+
+
+def serve(api: FakeApi):
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            if self.path != "/v1/chat/completions":
+                return self.send(404, {}, {"error": "no such path"})
+            if self.headers.get("Authorization") != f"Bearer {KEY}":
+                return self.send(401, {}, {"error": {"message": "invalid key"}})
+            length = int(self.headers.get("Content-Length", 0))
+            body = json.loads(self.rfile.read(length))
+            assert body["model"] and body["messages"]
+            status, headers, payload, sleep = api.reply(body)
+            api.served[status] += 1
+            if sleep:
+                time.sleep(sleep)
+                api.served["slow"] += 1
+                payload = api.completion("CLUE: too late")
+            self.send(status, headers, payload)
+
+        def send(self, status, headers, payload):
+            data = json.dumps(payload).encode()
+            try:
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up (timeout test, killed generator)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+
+@pytest.fixture
+def fake_api():
+    servers = []
+
+    def start(**kwargs):
+        api = FakeApi(**kwargs)
+        server, url = serve(api)
+        servers.append((server, api))
+        return api, url
+
+    yield start
+    for server, api in servers:
+        api.release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def write_words(path: Path) -> Path:
+    path.write_text("".join(json.dumps({"target_word": t, "related_word": r,
+                                        "experiment": "high_en" if i % 2 else "low_en"}) + "\n"
+                            for i, (t, r) in enumerate(WORDS)))
+    return path
+
+
+def write_templates(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "initial_describer.template").write_text(
+        "Describe $TARGET_WORD$. Do not say:\n$REL_WORD$\nThe guesser has $N$ tries. "
+        "Reply CLUE: <some text>.")
+    (folder / "initial_guesser.template").write_text(
+        "Guess the word in $N$ tries. Reply GUESS: <a word>.\n")
+    return folder
+
+
+def generator_args(url, out_dir, words, *extra, guessers=GUESSERS, games=len(WORDS)):
+    return ["--output-dir", out_dir, "--describer-model", "describer", "--guesser-models",
+            *guessers, "--games-per-guesser", games, "--word-list", words, "--api-base", url,
+            "--timeout", 1, "--max-retries", 2, "--backoff-base", 0.01, "--seed", 3, *extra]
+
+
+def env_with_key(key=KEY):
+    # urllib would send even 127.0.0.1 through a configured proxy
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", NO_PROXY="127.0.0.1",
+               no_proxy="127.0.0.1")
+    env.pop("OPENROUTER_API_KEY", None)
+    if key is not None:
+        env["OPENROUTER_API_KEY"] = key
+    return env
+
+
+def run_generator(args, key=KEY, cwd=None, expect_ok=True):
+    result = subprocess.run([sys.executable, str(ROOT / SCRIPT), *map(str, args)],
+                            capture_output=True, text=True, env=env_with_key(key),
+                            cwd=cwd or ROOT, timeout=120)
+    if expect_ok:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def assert_key_nowhere(folder: Path, *texts):
+    for path in folder.rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
+    for text in texts:
+        assert KEY not in text
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scripted_run(tmp_path_factory):
+    api = FakeApi()
+    server, url = serve(api)
+    folder = tmp_path_factory.mktemp("generator")
+    words = write_words(folder / "words.jsonl")
+    templates = write_templates(folder / "templates")
+    out = folder / "out"
+    try:
+        result = run_generator(generator_args(url, out, words, "--templates-dir", templates,
+                                              "--checkpoint-every", 7, "--save-hf-dataset"))
+    finally:
+        api.release.set()
+        server.shutdown()
+        server.server_close()
+    return {"api": api, "out": out, "result": result, "folder": folder}
+
+
+def test_scripted_games_outcomes_repairs_and_errors(scripted_run):
+    out, api = scripted_run["out"], scripted_run["api"]
+    games = read_jsonl(out / "games.jsonl")
+    assert len(games) == len(GUESSERS) * len(WORDS)
+    assert len({g["game_key"] for g in games}) == len(games)
+    by = {(g["guesser_model"], g["target_word"]): g for g in games}
+    assert len(by) == len(games)          # every guesser plays every word once
+    for guesser in GUESSERS:
+        assert by[(guesser, "stone")]["abort_reason"] == "api_error"
+        assert "HTTP 500" in by[(guesser, "stone")]["error"]
+        assert by[(guesser, "lamp")]["abort_reason"] == "describer_repairs_exhausted"
+        assert by[(guesser, "lamp")]["describer_repairs"] == 2
+    for target, _ in WORDS:
+        if target in ("stone", "lamp"):
+            continue
+        assert by[("guesser-good", target)]["outcome"] == "success"
+        assert by[("guesser-good", target)]["turns"] == 1
+        assert by[("guesser-slow", target)]["outcome"] == "success"
+        assert by[("guesser-slow", target)]["turns"] == 2
+        assert by[("guesser-bad", target)]["outcome"] == "failure"
+        assert by[("guesser-bad", target)]["turns"] == 3
+        empty = by[("guesser-empty", target)]
+        if target == "ocean":
+            assert empty["abort_reason"] == "guesser_repairs_exhausted"
+            assert empty["guesser_repairs"] == 2
+        else:
+            assert empty["outcome"] == "success" and empty["guesser_repairs"] == 1
+    # the apple describer is repaired once per turn and the clue the guesser saw is clean
+    assert by[("guesser-bad", "apple")]["describer_repairs"] == 3
+    for guesser in GUESSERS:
+        for message in by[(guesser, "apple")]["guesser_messages"]:
+            if message["role"] == "user":
+                assert "apple" not in message["content"].lower()
+    # describer prompt: the test's template, with the related words as a list
+    prompt = by[("guesser-good", "garden")]["describer_messages"][0]["content"]
+    assert prompt.startswith("Describe garden.") and "- plant\n- flower\n- yard" in prompt
+    assert "3 tries" in prompt
+    first = by[("guesser-good", "garden")]["guesser_messages"][0]["content"]
+    assert first.startswith("Guess the word in 3 tries.") and first.endswith(
+        "\n\nCLUE: " + by[("guesser-good", "garden")]["clues"][0])
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["games"] == 48
+    assert summary["successes"] == 29 and summary["summary"] == "29/48 = 0.6042"
+    assert summary["outcomes"] == {"aborted": 9, "failure": 10, "success": 29}
+    assert summary["mean_turns"] == pytest.approx(69 / 39)
+    assert summary["describer_repairs"] == 8 + 7
+    assert summary["describer_repairs_exhausted"] == 4
+    assert summary["guesser_repairs"] == 9 + 2
+    assert summary["guesser_repairs_exhausted"] == 1
+    assert summary["api_errors"] == 4
+    # stone: 4 games x 2 retries; storm (429), river (500), cloud (timeout): 1 each
+    assert summary["http_retries"] == 8 + 3
+    assert api.served[429] == 1 and api.served["slow"] == 1
+    assert api.served[500] == 4 * 3 + 1
+    # Retry-After: 0 was obeyed: only the exponential waits of the other retries were slept
+    assert summary["this_run"]["backoff_slept_s"] == pytest.approx(4 * 0.03 + 0.01 + 0.01)
+    per = summary["per_guesser"]
+    assert per["guesser-good"]["summary"] == "10/12 = 0.8333"
+    assert per["guesser-slow"]["mean_turns"] == 2
+    assert summary["describer_model"] == "describer" and summary["seed"] == 3
+    assert summary["templates"].endswith("templates")
+    assert summary["rows_wordguesser"] == 39
+
+
+def test_rows_are_playpen_shaped_and_key_never_written(scripted_run):
+    out = scripted_run["out"]
+    rows = read_jsonl(out / "rows_wordguesser.jsonl")
+    assert len(rows) == 39
+    for row in rows:
+        meta = row["meta"]
+        assert meta["game"] == "taboo" and meta["game_role"] == "WordGuesser"
+        assert {"experiment", "task_id", "outcome", "model", "target_word",
+                "related_word"} <= set(meta)
+        assert row["messages"][-1]["role"] == "assistant"
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant"] * meta["turns"]
+        assert meta["outcome"] in ("success", "failure")
+    from datasets import load_from_disk
+
+    assert len(load_from_disk(str(out / "hf_dataset"))) == 39
+    result = scripted_run["result"]
+    assert_key_nowhere(out, result.stdout, result.stderr)
+    provenance = json.loads((out / "summary.json").read_text())["provenance"]
+    assert KEY not in json.dumps(provenance)
+
+
+def test_generated_rows_go_through_dataset_taboo(scripted_run, tmp_path):
+    import dataset
+
+    out = scripted_run["out"]
+    sizes = ["--train-size", 20, "--query-size", 4, "--eval-size", 4, "--seed", 1]
+    run_script("dataset.py", "--task", "taboo", "--run-dir", tmp_path / "run", "--dataset-name",
+               out / "rows_wordguesser.jsonl", *sizes)
+    # the --save-hf-dataset folder too (in-process: the subprocess start is the slow part)
+    dataset.main(["--task", "taboo", "--run-dir", str(tmp_path / "run_hf"), "--dataset-name",
+                  str(out / "hf_dataset"), *map(str, sizes)])
+    manifests = [json.loads((tmp_path / name / "manifest.json").read_text())
+                 for name in ("run", "run_hf")]
+    for manifest in manifests:
+        assert manifest["filter_stats"]["total"]["rows_kept"] == 39
+        assert manifest["filter_stats"]["total"]["target_word_from_meta"] == 39
+        words = manifest["taboo"]["words_per_split"]
+        assert not set(words["eval"]) & (set(words["train_base"]) | set(words["attr_query"]))
+        assert not any(k.startswith("success_but") for k in manifest["filter_stats"]["total"])
+    assert manifests[0]["taboo"]["words_per_split"] == manifests[1]["taboo"]["words_per_split"]
+
+
+def test_kill_and_resume_loses_and_repeats_no_game(fake_api, tmp_path):
+    api, url = fake_api(block_after=31)      # 2 requests a game: 15 games, then it hangs
+    words = write_words(tmp_path / "words.jsonl")
+    out = tmp_path / "out"
+    args = generator_args(url, out, words, "--checkpoint-every", 5, "--templates-dir",
+                          tmp_path / "no_templates", guessers=["guesser-good", "guesser-slow"],
+                          games=10)
+    # stone (api error) and lamp (describer gives up) also play; good 2 requests, slow 4
+    process = subprocess.Popen([sys.executable, str(ROOT / SCRIPT), *map(str, args)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=env_with_key(), cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while len(api.requests) <= 31 and time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            time.sleep(0.05)
+        assert len(api.requests) > 31, "the generator never reached the blocking request"
+        time.sleep(0.2)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=30)
+    before = (out / "games.jsonl").read_bytes()
+    games_before = read_jsonl(out / "games.jsonl")
+    assert 0 < len(games_before) < 20
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is False and summary["games"] == 5 * (len(games_before) // 5)
+    # as if the kill had also cut a write in half
+    with open(out / "games.jsonl", "ab") as f:
+        f.write(b'{"game_key": "guesser-slow#00009", "outcome": "succ')
+
+    api.block_after = None
+    api.release.set()
+    result = run_generator(args)
+    assert "torn last line" in result.stdout
+    assert f"{len(games_before)} game(s) already" in result.stdout
+    after = (out / "games.jsonl").read_bytes()
+    assert after.startswith(before)           # finished games kept byte for byte
+    games = read_jsonl(out / "games.jsonl")
+    keys = [g["game_key"] for g in games]
+    expected = {f"{m}#{i:05d}" for m in ("guesser-good", "guesser-slow") for i in range(10)}
+    assert len(keys) == len(set(keys)) == 20 and set(keys) == expected
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["games"] == 20
+    assert summary["this_run"]["games_played"] == 20 - len(games_before)
+    outcomes = Counter(g["outcome"] for g in games)
+    assert summary["outcomes"] == dict(sorted(outcomes.items()))
+    assert summary["rows_wordguesser"] == len(read_jsonl(out / "rows_wordguesser.jsonl"))
+    assert summary["templates"].startswith("built-in")
+    # a third start finds nothing to do
+    result = run_generator(args)
+    assert "20 game(s) already" in result.stdout and "0 to play" in result.stdout
+    assert (out / "games.jsonl").read_bytes() == after
+
+
+def test_key_from_dotenv_rejected_key_and_changed_settings(fake_api, tmp_path):
+    api, url = fake_api()
+    words = write_words(tmp_path / "words.jsonl")
+    args = generator_args(url, tmp_path / "out", words, guessers=["guesser-good"], games=2)
+    # no environment variable: the key comes from ./.env
+    (tmp_path / ".env").write_text(f"# test\nexport OPENROUTER_API_KEY='{KEY}'\n")
+    result = run_generator(args, key=None, cwd=tmp_path)
+    assert "2 games" in result.stdout
+    assert_key_nowhere(tmp_path / "out", result.stdout, result.stderr)
+    (tmp_path / ".env").unlink()
+
+    # a rejected key stops the run with one line, exit 2, and no game recorded
+    bad = run_generator(generator_args(url, tmp_path / "out2", words, guessers=["guesser-good"],
+                                       games=2), key="sk-wrong", expect_ok=False)
+    assert bad.returncode == 2
+    errors = [l for l in bad.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "401" in errors[0] and "sk-wrong" not in bad.stderr
+    assert not (tmp_path / "out2" / "games.jsonl").exists() or not (
+        tmp_path / "out2" / "games.jsonl").read_text().strip()
+    # no key at all
+    none = run_generator(args, key=None, cwd=tmp_path, expect_ok=False)
+    assert none.returncode == 2 and "OPENROUTER_API_KEY" in none.stderr
+    # resuming with another seed would mix two runs' games
+    changed = run_generator(args + ["--seed", 4], expect_ok=False)
+    assert changed.returncode == 2 and "seed" in changed.stderr
+
+
+def test_help_lists_flags():
+    out = subprocess.run([sys.executable, str(ROOT / SCRIPT), "--help"], capture_output=True,
+                         text=True, env=env_with_key(None)).stdout
+    for flag in ("--output-dir", "--describer-model", "--guesser-models", "--games-per-guesser",
+                 "--max-turns", "--seed", "--checkpoint-every", "--save-hf-dataset",
+                 "--word-list", "--instances", "--templates-dir", "--api-base", "--api-key-env",
+                 "--timeout", "--max-retries", "--backoff-base", "--describer-repairs",
+                 "--guesser-repairs", "--retry-errors"):
+        assert flag in out, flag
+
+
+def test_instances_source_matches_dataset_layout(fake_api, tmp_path):
+    """With the clembench instances file, experiments and task ids are the instances'."""
+    api, url = fake_api()
+    instances = taboo_fixture.write_instances(tmp_path / "instances.json")
+    args = ["--output-dir", tmp_path / "out", "--describer-model", "describer",
+            "--guesser-models", "guesser-good", "--games-per-guesser", 4, "--instances",
+            instances, "--api-base", url, "--timeout", 5, "--templates-dir", tmp_path / "none"]
+    run_generator(args)
+    ids = taboo_fixture.task_ids()
+    for row in read_jsonl(tmp_path / "out" / "rows_wordguesser.jsonl"):
+        meta = row["meta"]
+        assert (meta["experiment"], meta["task_id"]) == ids[meta["target_word"]]
+        assert meta["outcome"] == "success"
+        assert row["messages"][0]["content"].startswith("You are playing a collaborative word")
