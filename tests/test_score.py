@@ -1,0 +1,282 @@
+"""score.py and rank_windows.py on the tiny model: bergson's scores against brute-force autograd,
+the token ids bergson sees against finetune.py's, subsets, determinism and bad input."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_script
+
+MAX_LEN = 256
+SCORE_ARGS = ("--max-length", MAX_LEN, "--token-batch-size", 512, "--projection-dim", 0,
+              "--subset-k", 8, "--precision", "fp32")
+
+
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory, tiny_model, chat_jsonl):
+    run_dir = tmp_path_factory.mktemp("score") / "run"
+    run_script("dataset.py", "--run-dir", run_dir, "--dataset-name", chat_jsonl,
+               "--group-column", "instruction_id", "--train-size", 40, "--query-size", 12,
+               "--eval-size", 12, "--seed", 3)
+    run_script("finetune.py", "train", "--manifest", run_dir / "manifest.json",
+               "--base-model", tiny_model, "--output-dir", run_dir / "base_adapter",
+               "--epochs", 2, "--batch-size", 8, "--learning-rate", 3e-3, "--lora-rank", 4,
+               "--max-length", MAX_LEN)
+    runs = {}
+    for name, extra in {"mean": ("--score-mode", "mean"),
+                        "mean_again": ("--score-mode", "mean"),
+                        "nearest": ("--score-mode", "nearest"),
+                        "precond": ("--score-mode", "mean", "--preconditioning-mode", "query",
+                                    "--damping", 0.3)}.items():
+        run_script("score.py", "--manifest", run_dir / "manifest.json",
+                   "--adapter-path", run_dir / "base_adapter", "--output-dir", run_dir / name,
+                   *SCORE_ARGS, *extra)
+        runs[name] = run_dir / name
+    return run_dir, runs
+
+
+def read_scores(out_dir):
+    return [json.loads(line) for line in (out_dir / "train_scores.jsonl").read_text().splitlines()]
+
+
+def split_rows(run_dir, name, manifest="manifest.json"):
+    from pipeline import load_manifest, load_split
+
+    return load_split(load_manifest(run_dir / manifest), name)
+
+
+def lora_gradients(run_dir, split_name):
+    """Per-row gradient of the summed completion NLL w.r.t. each LoRA weight, by plain autograd
+    on finetune.py's tokenization: {module name: [rows, numel]}."""
+    import torch
+
+    from pipeline import (base_model_of_adapter, load_model_with_adapter, load_tokenizer,
+                          tokenize_split)
+
+    adapter = run_dir / "base_adapter"
+    tokenizer = load_tokenizer(base_model_of_adapter(adapter))
+    rows = tokenize_split(split_rows(run_dir, split_name), tokenizer, MAX_LEN).to_list()
+    model = load_model_with_adapter(base_model_of_adapter(adapter), adapter, torch.float32,
+                                    torch.device("cpu"), trainable=True)
+    model.eval()
+    params = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    grads = {n: [] for n in params}
+    for row in rows:
+        ids = torch.tensor([row["input_ids"]])
+        labels = torch.tensor([row["labels"]])
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(),
+                                                 ignore_index=-100, reduction="sum")
+        model.zero_grad()
+        loss.backward()
+        for n, p in params.items():
+            grads[n].append(p.grad.detach().flatten().double().clone())
+    return {n: torch.stack(g) for n, g in grads.items()}
+
+
+@pytest.fixture(scope="module")
+def brute_force(scored_run):
+    run_dir, _ = scored_run
+    return lora_gradients(run_dir, "train_base"), lora_gradients(run_dir, "attr_query")
+
+
+def scores_array(out_dir):
+    return np.array([r["score"] for r in read_scores(out_dir)], dtype=float)
+
+
+def test_mean_scores_equal_bruteforce_dot_with_mean_query_gradient(scored_run, brute_force):
+    train, query = brute_force
+    expected = sum((train[m] @ query[m].mean(0)).numpy() for m in train)
+    np.testing.assert_allclose(scores_array(scored_run[1]["mean"]), expected, rtol=2e-3,
+                               atol=1e-3 * np.abs(expected).max())
+
+
+def test_nearest_scores_equal_bruteforce_max_over_queries(scored_run, brute_force):
+    train, query = brute_force
+    per_query = sum((train[m] @ query[m].T).numpy() for m in train)
+    expected = per_query.max(axis=1)
+    np.testing.assert_allclose(scores_array(scored_run[1]["nearest"]), expected, rtol=2e-3,
+                               atol=1e-3 * np.abs(expected).max())
+    assert not np.allclose(expected, scores_array(scored_run[1]["mean"]), rtol=0.05)
+
+
+def test_query_preconditioning_matches_documented_formula(scored_run, brute_force):
+    """s_i = sum_m g_im^T (H_m + d*mean(eig H_m)*I)^-1 mean_j q_jm, H_m = mean_j q_jm q_jm^T."""
+    import torch
+
+    train, query = brute_force
+    damping = 0.3
+    expected = 0.0
+    for m in train:
+        h = query[m].T @ query[m] / query[m].shape[0]
+        damped = h + damping * torch.linalg.eigvalsh(h).mean() * torch.eye(h.shape[0],
+                                                                           dtype=h.dtype)
+        expected = expected + (train[m] @ torch.linalg.solve(damped, query[m].mean(0))).numpy()
+    got = scores_array(scored_run[1]["precond"])
+    np.testing.assert_allclose(got, expected, rtol=5e-3, atol=2e-3 * np.abs(expected).max())
+    summary = json.loads((scored_run[1]["precond"] / "summary.json").read_text())
+    assert summary["preconditioning_mode"] == "query" and summary["damping"] == damping
+
+
+def test_bergson_sees_exactly_finetune_token_ids(scored_run):
+    """Load the scored data the way bergson's own pipeline does and compare with the ids
+    finetune.py builds for training."""
+    from bergson.config.config import DataConfig, IndexConfig
+    from bergson.utils.worker_utils import setup_data_pipeline
+
+    from finetune import parse_args
+    from pipeline import base_model_of_adapter, load_tokenizer, tokenize_split
+
+    run_dir, runs = scored_run
+    out = runs["mean"]
+    cfg = IndexConfig(run_path=str(out / "probe"), model=str(run_dir / "base_adapter"),
+                      data=DataConfig(dataset=str(out / "bergson_data" / "train")),
+                      token_batch_size=512)
+    seen, _ = setup_data_pipeline(cfg)
+    # finetune.py loads the base model's tokenizer and tokenizes with its --max-length
+    defaults = parse_args(["train", "--manifest", "x"])
+    tokenizer = load_tokenizer(base_model_of_adapter(run_dir / "base_adapter"))
+    trained = tokenize_split(split_rows(run_dir, "train_base"), tokenizer, MAX_LEN)
+    assert defaults.max_length >= MAX_LEN
+    assert seen["input_ids"] == trained["input_ids"]
+    assert seen["labels"] == trained["labels"]
+    assert any(-100 in labels for labels in seen["labels"])
+
+
+def test_chat_template_mode_scores_different_ids(scored_run):
+    run_dir, _ = scored_run
+    out = run_dir / "chat"
+    result = run_script("score.py", "--manifest", run_dir / "manifest.json",
+                        "--adapter-path", run_dir / "base_adapter", "--output-dir", out,
+                        "--tokenization-mode", "chat_template", *SCORE_ARGS)
+    assert "chat_template mode" in result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tokenization_mode"] == "chat_template"
+    alignment = summary["alignment"]
+    assert alignment["rows"] == 40
+    assert alignment["rows_with_identical_labels"] < alignment["rows"]
+    assert not np.allclose(scores_array(out), scores_array(run_dir / "mean"), rtol=1e-3)
+
+
+def test_outputs_rank_subsets_and_manifest(scored_run):
+    run_dir, runs = scored_run
+    out = runs["mean"]
+    rows = read_scores(out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_total"] == 40 and summary["finite_coverage"] == 1.0
+    assert summary["projection_dim"] == 0 and summary["tokenization_mode"] == "finetune_raw"
+    assert summary["provenance"]["argv"][0] == "score.py" and summary["bergson_version"]
+    ranked = sorted(rows, key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranked] == list(range(1, 41))
+    assert all(a["score"] >= b["score"] for a, b in zip(ranked, ranked[1:]))
+    top_ids = {r["row_id"] for r in ranked[:8]}
+
+    manifest = json.loads((out / "continuation_manifest.json").read_text())
+    assert set(manifest["splits"]) == {"top_k", "matched_random_k", "eval", "attr_query"}
+    assert manifest["selection"]["allow_overlap"] is False and manifest["selection"]["seed"] == 42
+    top = set(split_rows(out, "top_k", "continuation_manifest.json")["row_id"])
+    rand = set(split_rows(out, "matched_random_k", "continuation_manifest.json")["row_id"])
+    assert top == top_ids and len(rand) == 8 and not top & rand
+    assert {r["row_id"] for r in rows if r["in_matched_random_k"]} == rand
+
+
+def test_same_seed_same_ranking_and_subsets(scored_run):
+    _, runs = scored_run
+    a, b = read_scores(runs["mean"]), read_scores(runs["mean_again"])
+    assert [(r["row_id"], r["rank"], r["in_top_k"], r["in_matched_random_k"]) for r in a] == \
+           [(r["row_id"], r["rank"], r["in_top_k"], r["in_matched_random_k"]) for r in b]
+    np.testing.assert_allclose([r["score"] for r in a], [r["score"] for r in b], rtol=1e-6)
+
+
+def test_choose_subsets_overlap_policy_and_seed():
+    from score import choose_subsets, rank_rows
+
+    scores = np.array([5.0, np.nan, 3.0, 9.0, 1.0, 7.0, 2.0, 8.0, 4.0, 6.0])
+    ranking = rank_rows(scores)
+    assert ranking == [3, 7, 5, 9, 0, 8, 2, 6, 4]
+    top, rand = choose_subsets(ranking, 3, seed=1, allow_overlap=False)
+    assert top == [3, 5, 7] and not set(top) & set(rand) and 1 not in rand
+    assert choose_subsets(ranking, 3, seed=1, allow_overlap=False) == (top, rand)
+    draws = {tuple(choose_subsets(ranking, 4, seed=s, allow_overlap=True)[1]) for s in range(30)}
+    assert any(set(d) & {3, 5, 7, 9} for d in draws) and all(1 not in d for d in draws)
+    with pytest.raises(Exception, match="outside the top-k"):
+        choose_subsets(ranking, 5, seed=1, allow_overlap=False)
+
+
+def test_continuation_manifest_trains_and_evaluates(scored_run):
+    run_dir, runs = scored_run
+    manifest = runs["mean"] / "continuation_manifest.json"
+    run_script("finetune.py", "train", "--manifest", manifest, "--train-split", "top_k",
+               "--resume-adapter", run_dir / "base_adapter", "--output-dir", run_dir / "top_ft",
+               "--max-steps", 2, "--max-length", MAX_LEN)
+    run_script("eval_loss.py", "--manifest", manifest, "--adapter-path", run_dir / "top_ft",
+               "--output-json", run_dir / "top_eval.json", "--max-length", MAX_LEN)
+    result = json.loads((run_dir / "top_eval.json").read_text())
+    assert result["num_eval_rows"] == 12
+
+
+@pytest.mark.parametrize("change, message", [
+    (("--subset-k", 41), "larger than split 'train_base'"),
+    (("--train-split", "nope"), "has no split 'nope'"),
+    (("--adapter-path", "MISSING"), "does not exist"),
+    (("--max-length", 600), "exceeds --token-batch-size"),
+])
+def test_bad_input_fails_cleanly(scored_run, tmp_path, change, message):
+    run_dir, _ = scored_run
+    args = ["--manifest", run_dir / "manifest.json", "--adapter-path", run_dir / "base_adapter",
+            "--output-dir", tmp_path / "out", *SCORE_ARGS]
+    flag, value = change
+    if value == "MISSING":
+        value = tmp_path / "no_adapter"
+    i = args.index(flag) if flag in args else None
+    if i is None:
+        args += [flag, value]
+    else:
+        args[i + 1] = value
+    result = run_script("score.py", *args, expect_ok=False)
+    assert result.returncode == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_existing_output_dir_is_refused(scored_run):
+    run_dir, runs = scored_run
+    result = run_script("score.py", "--manifest", run_dir / "manifest.json",
+                        "--adapter-path", run_dir / "base_adapter", "--output-dir", runs["mean"],
+                        *SCORE_ARGS, expect_ok=False)
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+
+
+def test_rank_windows_splits(scored_run, tmp_path):
+    run_dir, runs = scored_run
+    out = tmp_path / "ablations" / "manifest.json"
+    args = ["--scores-dir", runs["mean"], "--output", out, "--top", 10, "--window", 11, 21,
+            "--random-from", 6, 21, "--seed", 5]
+    run_script("rank_windows.py", *args)
+    manifest = json.loads(out.read_text())
+    names = {"top10_from_mean12", "rank11_20", "rand6_from_rank21plus", "eval", "attr_query"}
+    assert set(manifest["splits"]) == names
+    rank_of = {r["row_id"]: r["rank"] for r in read_scores(runs["mean"])}
+    ranks = {n: sorted(rank_of[r] for r in split_rows(out.parent, n, "manifest.json")["row_id"])
+             for n in ("top10_from_mean12", "rank11_20", "rand6_from_rank21plus")}
+    assert ranks["top10_from_mean12"] == list(range(1, 11))
+    assert ranks["rank11_20"] == list(range(11, 21))
+    assert len(ranks["rand6_from_rank21plus"]) == 6 and min(ranks["rand6_from_rank21plus"]) >= 21
+    run_script("rank_windows.py", *args, "--overwrite")
+    again = json.loads(out.read_text())
+    assert again["selection"]["rank_positions"] == manifest["selection"]["rank_positions"]
+    bad = run_script("rank_windows.py", "--scores-dir", runs["mean"], "--output",
+                     tmp_path / "b.json", "--window", 30, 60, expect_ok=False)
+    assert bad.returncode == 2 and "--window 30 60" in bad.stderr
+
+
+def test_help_documents_every_mode():
+    out = run_script("score.py", "--help").stdout
+    for flag in ["--manifest", "--adapter-path", "--output-dir", "--score-mode", "nearest",
+                 "--preconditioning-mode", "--projection-dim", "--tokenization-mode",
+                 "finetune_raw", "chat_template", "--subset-k", "--train-split", "--query-split",
+                 "--seed", "--allow-overlap", "--max-length", "--precision",
+                 "--token-batch-size", "(H_m + d * mean(eig(H_m)) * I)^-1"]:
+        assert flag in out, flag
