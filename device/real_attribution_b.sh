@@ -12,6 +12,8 @@ t eval_top $PY eval_loss.py --manifest $CM --adapter-path $RUN/adapter_top_k \
   --output-json $RUN/eval_top_k.json --batch-size 16 $EXTRA
 t eval_random $PY eval_loss.py --manifest $CM --adapter-path $RUN/adapter_matched_random_k \
   --output-json $RUN/eval_matched_random_k.json --batch-size 16 --skip-base $EXTRA
+t compare $PY compare_evals.py --a $RUN/eval_top_k.per_example.jsonl \
+  --b $RUN/eval_matched_random_k.per_example.jsonl --output-json $RUN/compare_top_vs_random.json
 t score_speed $PY benchmarks/score_speed.py --score-dir $RUN/attribution
 mkdir -p $OUT/b
 cp $RUN/eval_top_k.json $RUN/eval_matched_random_k.json $RUN/attribution/score_speed.json $OUT/b/

@@ -22,7 +22,9 @@ t eval_sae_top $PY eval_loss.py --manifest $SM --adapter-path $RUN/sae_adapter_t
   --output-json $RUN/eval_sae_top_k.json --batch-size 16 --skip-base $EXTRA
 t eval_sae_random $PY eval_loss.py --manifest $SM --adapter-path $RUN/sae_adapter_matched_random_k \
   --output-json $RUN/eval_sae_matched_random_k.json --batch-size 16 --skip-base $EXTRA
+t compare_sae $PY compare_evals.py --a $RUN/eval_sae_top_k.per_example.jsonl \
+  --b $RUN/eval_sae_matched_random_k.per_example.jsonl --output-json $RUN/compare_sae_top_vs_random.json
 mkdir -p $OUT/sae
 cp $RUN/local_sae/training_summary.json $RUN/sae_features/summary.json $OUT/sae/ 
-cp $RUN/eval_sae_top_k.json $RUN/eval_sae_matched_random_k.json $OUT/sae/
+cp $RUN/eval_sae_top_k.json $RUN/eval_sae_matched_random_k.json $RUN/compare_sae_top_vs_random.json $OUT/sae/
 tar czf $OUT/sae_predictor.tgz $RUN/sae_predictor/*.json $RUN/sae_predictor/*.png 2>/dev/null || true
