@@ -24,7 +24,7 @@ t eval_sae_random $PY eval_loss.py --manifest $SM --adapter-path $RUN/sae_adapte
   --output-json $RUN/eval_sae_matched_random_k.json --batch-size 16 --skip-base $EXTRA
 t compare_sae $PY compare_evals.py --a $RUN/eval_sae_top_k.per_example.jsonl \
   --b $RUN/eval_sae_matched_random_k.per_example.jsonl --output-json $RUN/compare_sae_top_vs_random.json
-mkdir -p $OUT/sae
-cp $RUN/local_sae/training_summary.json $RUN/sae_features/summary.json $OUT/sae/ 
-cp $RUN/eval_sae_top_k.json $RUN/eval_sae_matched_random_k.json $RUN/compare_sae_top_vs_random.json $OUT/sae/
-tar czf $OUT/sae_predictor.tgz $RUN/sae_predictor/*.json $RUN/sae_predictor/*.png 2>/dev/null || true
+# one returned file (a call brings back at most 8)
+tar czf $OUT/sae.tgz $RUN/local_sae/training_summary.json $RUN/sae_features/summary.json \
+  $RUN/eval_sae_*.json $RUN/eval_sae_*.per_example.jsonl $RUN/compare_sae_top_vs_random.json \
+  $RUN/sae_predictor/*.json $RUN/sae_predictor/*.png $RUN/sae_adapter_*/train_metrics.json

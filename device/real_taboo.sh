@@ -19,5 +19,5 @@ for s in top_k matched_random_k; do
 done
 t taboo_eval_words $PY eval_words.py --manifest $CM --eval-split eval --top-adapter $TABOO/adapter_top_k \
   --random-adapter $TABOO/adapter_matched_random_k --output-json $TABOO/eval_words.json
-mkdir -p $OUT/taboo
-cp $TABOO/manifest.json $TABOO/attribution/summary.json $TABOO/eval_words.json $OUT/taboo/
+tar czf $OUT/taboo.tgz $TABOO/manifest.json $TABOO/attribution/summary.json $TABOO/attribution/train_scores.jsonl \
+  $TABOO/eval_words.json $TABOO/*/train_metrics.json
