@@ -16,10 +16,9 @@ and the fraction of rows where A is better.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from pipeline import PipelineError, provenance, run_main, write_json_atomic
+from pipeline import PipelineError, provenance, read_jsonl, run_main, write_json_atomic
 
 
 def parse_args(argv=None):
@@ -36,20 +35,11 @@ def parse_args(argv=None):
 
 
 def read_per_example(path: str, column: str) -> dict:
-    rows = {}
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path} does not exist")
-    with open(path) as f:
-        for line_number, line in enumerate(f, 1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PipelineError(f"{path} line {line_number} is not JSON: {err.msg}")
-            if f"{column}_nll_sum" not in row:
-                raise PipelineError(f"{path} line {line_number} has no {column}_nll_sum")
-            rows[row["row_id"]] = row
-    return rows
+    rows = read_jsonl(path, "per-example file")
+    for line_number, row in enumerate(rows, 1):
+        if f"{column}_nll_sum" not in row:
+            raise PipelineError(f"{path} line {line_number} has no {column}_nll_sum")
+    return {row["row_id"]: row for row in rows}
 
 
 def paired_deltas(a: dict, b: dict, column: str, resamples: int, seed: int) -> dict:

@@ -130,6 +130,21 @@ def read_json(path: str | Path, what: str = "file") -> dict:
         raise PipelineError(f"{what} {path} is not valid JSON (line {err.lineno}: {err.msg})")
 
 
+def read_jsonl(path: str | Path, what: str = "file") -> list[dict]:
+    """Rows of a JSON-lines file; a bad line is reported with its number."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{what} {path} does not exist")
+    rows = []
+    with open(path) as f:
+        for line_number, line in enumerate(f, 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise PipelineError(f"{what} {path} line {line_number} is not JSON: {err.msg}")
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # manifests: runs/<run>/manifest.json, split paths relative to the manifest's folder
 

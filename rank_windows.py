@@ -14,11 +14,10 @@ rank301_500, rand200_from_rank501plus. eval and attr_query are carried over from
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from pipeline import (PipelineError, load_manifest, load_split, matched_random_indices, read_json,
-                      run_main, write_selection_manifest)
+                      read_jsonl, run_main, write_selection_manifest)
 
 
 def parse_args(argv=None):
@@ -42,17 +41,8 @@ def parse_args(argv=None):
 def read_ranking(scores_dir: Path) -> tuple[list[str], dict]:
     """row_ids in rank order (rank 1 first) and score.py's summary."""
     path = scores_dir / "train_scores.jsonl"
-    if not path.is_file():
-        raise PipelineError(f"{path} does not exist (run score.py first)")
-    ranked = []
-    with open(path) as f:
-        for line_number, line in enumerate(f, 1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PipelineError(f"{path} line {line_number} is not JSON: {err.msg}")
-            if row.get("rank") is not None:
-                ranked.append((row["rank"], row["row_id"]))
+    ranked = [(row["rank"], row["row_id"]) for row in read_jsonl(path, "score.py output")
+              if row.get("rank") is not None]
     ranked.sort()
     if [r for r, _ in ranked] != list(range(1, len(ranked) + 1)):
         raise PipelineError(f"{path}: ranks are not 1..{len(ranked)}")

@@ -115,13 +115,12 @@ def prepare_output_dir(path: Path, overwrite: bool) -> None:
 
 
 def resolve_base_model(adapter_path: Path) -> str:
+    """The adapter's base model: a local folder as an absolute path (bergson's workers may run
+    elsewhere), a hub id as it is (it must be in the local cache when offline)."""
     base = base_model_of_adapter(adapter_path)
     if not base:
         raise PipelineError(f"adapter {adapter_path}/adapter_config.json names no base model")
-    if not Path(base).exists():
-        raise PipelineError(f"adapter {adapter_path} was trained on base model '{base}', which "
-                            f"is not a local folder here (bergson cannot download it offline)")
-    return str(Path(base).resolve())
+    return str(Path(base).resolve()) if Path(base).exists() else base
 
 
 def stage_adapter(adapter_path: Path, base_model: str, work: Path) -> Path:
@@ -233,7 +232,8 @@ def score_train(args, cfg_for, query_path: Path, hessian_path: Path | None) -> P
 
 
 def read_scores(score_path: Path, n_rows: int):
-    """One float per train row; NaN where bergson wrote nothing (rows under 2 tokens)."""
+    """One float per train row; NaN where bergson wrote nothing (rows under 2 tokens). main()
+    also sets NaN on rows without supervised tokens."""
     import numpy as np
     from bergson.data import load_scores
 
