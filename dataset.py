@@ -28,6 +28,20 @@ target_word and related_words, mapped as
 The target word comes from meta.target_word, else from the Taboo instances file (--instances,
 clembench v2.0 layout) keyed by (meta.experiment, meta.task_id = the instance's game_id).
 --min-reward-model-score 1 keeps only won games.
+
+--corrupt-fraction F plants a known signal for attribution to find: after train_base is sampled,
+exactly round(F * len(train_base)) of its rows (chosen with numpy default_rng(--corrupt-seed),
+independent of the sampling draws, so train_base holds the same rows with or without corruption)
+get the completion of another chosen row. Method "derangement": the chosen rows are put in a seeded
+random cycle and each takes the completion of the next one, repaired by seeded swaps until every
+row's donor has a different group_id, a different prompt and a different completion text. So no
+row keeps its own answer, no row gets a group-mate's answer (with --group-column: the same
+instruction answered by another model), and the multiset of completion texts in train_base is
+unchanged: only the prompt-completion pairing is broken. Columns `corrupted` (bool) and
+`corrupted_from_row_id` (donor row_id, else None) are added to every split when F > 0 (attr_query
+and eval: always False / None; they are never corrupted); score_pool is train_base's folder, so it
+is corrupted identically. The manifest's `corruption` entry records fraction, seed, count, method.
+With F = 0 (default) nothing changes: no columns, no manifest entry.
 """
 
 from __future__ import annotations
@@ -98,9 +112,19 @@ def parse_args(argv=None):
     taboo.add_argument("--taboo-drop-outcomes", default="aborted",
                        help="comma-separated meta.outcome values to drop; '' keeps all "
                             "(default: %(default)s)")
+    corrupt = p.add_argument_group("planted signal (see above)")
+    corrupt.add_argument("--corrupt-fraction", type=float, default=0.0,
+                         help="fraction of train_base rows whose completion is swapped with "
+                              "another train_base row's, in [0, 1] (default: 0 = off)")
+    corrupt.add_argument("--corrupt-seed", type=int, default=None,
+                         help="seed of the corruption draws (default: --seed)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing manifest in --run-dir")
     args = p.parse_args(argv)
+    if not 0.0 <= args.corrupt_fraction <= 1.0:
+        p.error("--corrupt-fraction must be in [0, 1]")
+    if args.corrupt_seed is None:
+        args.corrupt_seed = args.seed
     for flag in ("train_size", "query_size", "eval_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
@@ -548,6 +572,69 @@ def finalize_rows(rows: list[dict], group_column: str | None) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
+# planted signal: --corrupt-fraction
+
+CORRUPTION_METHOD = "derangement"
+CORRUPTION_MAX_REPAIRS = 10000
+
+
+def corrupt_rows(train: list[dict], fraction: float, seed: int) -> dict:
+    """Swap completions among round(fraction * len(train)) seeded-random rows, in place (see the
+    module docstring); adds `corrupted` / `corrupted_from_row_id` to every row. Returns the
+    manifest's `corruption` entry."""
+    count = int(round(fraction * len(train)))
+    if count == 1:
+        raise PipelineError(f"--corrupt-fraction {fraction} corrupts 1 of {len(train)} "
+                            "train_base rows; swapping completions needs at least 2")
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(train), size=count, replace=False) if count else np.array([], int)
+    order = rng.permutation(np.sort(chosen)).tolist()
+
+    def bad(a: int, b: int) -> bool:  # may row a take row b's completion?
+        ra, rb = train[a], train[b]
+        return (ra["group_id"] == rb["group_id"] or ra["completion"] == rb["completion"]
+                or ra["prompt"] == rb["prompt"])
+
+    m = len(order)
+    for _ in range(CORRUPTION_MAX_REPAIRS):
+        conflicts = [i for i in range(m) if bad(order[i], order[(i + 1) % m])]
+        if not conflicts:
+            break
+        for i in conflicts:
+            j, k = (i + 1) % m, int(rng.integers(m))
+            order[j], order[k] = order[k], order[j]
+    else:
+        raise PipelineError(f"--corrupt-fraction {fraction}: found no assignment of the "
+                            f"{count} chosen train_base rows in which every row gets the "
+                            "completion of a row with another group_id, prompt and completion "
+                            "(too few groups? lower the fraction)")
+    donor_of = {order[i]: order[(i + 1) % m] for i in range(m)}
+    originals = [row["completion"] for row in train]
+    for index, row in enumerate(train):
+        donor = donor_of.get(index)
+        row["corrupted"] = donor is not None
+        row["corrupted_from_row_id"] = None if donor is None else train[donor]["row_id"]
+        if donor is not None:
+            row["completion"] = originals[donor]
+    return {"fraction": fraction, "seed": seed, "count": count, "num_rows": len(train),
+            "method": CORRUPTION_METHOD, "splits": ["train_base", "score_pool"],
+            "description": "the chosen rows form a seeded random cycle; each takes the completion "
+                           "of the next, so completions are permuted among the chosen rows only; "
+                           "a donor never shares the row's group_id, prompt or completion text. "
+                           "Rows are drawn with numpy default_rng(seed) independently of the "
+                           "split sampling. attr_query and eval are never corrupted.",
+            "columns": {"corrupted": "bool: the completion was replaced",
+                        "corrupted_from_row_id": "row_id of the row whose completion it now "
+                                                 "holds, else None"}}
+
+
+def mark_uncorrupted(rows: list[dict]) -> None:
+    for row in rows:
+        row["corrupted"] = False
+        row["corrupted_from_row_id"] = None
+
+
+# ---------------------------------------------------------------------------------------------
 # checks 1-5 (check 6, supervised tokens > 0, runs where the tokenizer is: finetune/eval_loss)
 
 
@@ -673,6 +760,13 @@ def main(argv=None):
         flattened, filter_stats = build_rows(source, source_label, args)
     sampled, split_policy = make_splits(flattened, args)
     splits = {name: finalize_rows(rows, args.group_column) for name, rows in sampled.items()}
+    corruption = None
+    if args.corrupt_fraction > 0:
+        corruption = corrupt_rows(splits["train_base"], args.corrupt_fraction, args.corrupt_seed)
+        mark_uncorrupted(splits["attr_query"])
+        mark_uncorrupted(splits["eval"])
+        print(f"corrupted {corruption['count']}/{len(splits['train_base'])} train_base rows "
+              f"(seed {args.corrupt_seed}, {CORRUPTION_METHOD})")
     checks = run_checks(splits, split_policy["requested"], grouped=bool(args.group_column))
     if args.task == "taboo":
         checks["passed"] += run_taboo_checks(splits)
@@ -699,6 +793,10 @@ def main(argv=None):
         "checks": checks,
         "provenance": provenance(seed=args.seed),
     }
+    if corruption is not None:
+        manifest["corruption"] = corruption
+        manifest["split_notes"]["train_base"] += (f"; {corruption['count']} rows have a swapped "
+                                                  "completion (column corrupted)")
     if args.task == "taboo":
         manifest["split_notes"]["eval"] = ("held out for eval loss and eval_words.py; none of its "
                                            "target words is a target in train_base or attr_query")
