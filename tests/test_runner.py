@@ -1,0 +1,381 @@
+"""run_experiment.py on the tiny model: skip when up to date, resume after a failed step, --force,
+commands.sh replays to the same artifacts, per-seed folders, recipe errors; and the shipped
+recipes name only scripts and flags that exist."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import run_experiment as rx
+from conftest import ROOT
+
+SIZES = "--train-size 160 --query-size 40 --eval-size 40"
+
+
+def write_recipe(path: Path, model: Path, data: Path, finetune_extra: str = "") -> Path:
+    """dataset (shared) -> finetune (per seed) -> eval_loss (per seed), the tiny model's sizes."""
+    text = f'''
+[recipe]
+run_dir = "unused"
+seeds = [1]
+
+[vars]
+model = "{model}"
+data = "{data}"
+max_length = 256
+
+[[steps]]
+name = "dataset"
+run = """dataset.py --run-dir {{run_dir}} --dataset-name {{data}} --group-column instruction_id \\
+  {SIZES} --seed 42 --overwrite"""
+inputs = ["{{data}}"]
+outputs = ["{{run_dir}}/manifest.json", "{{run_dir}}/data"]
+
+[[steps]]
+name = "finetune"
+per_seed = true
+run = """finetune.py train --manifest {{run_dir}}/manifest.json --base-model {{model}} \\
+  --output-dir {{seed_dir}}/adapter --epochs 1 --max-length {{max_length}} --eval-split none \\
+  --seed {{seed}} --overwrite {finetune_extra}"""
+inputs = ["{{run_dir}}/manifest.json", "{{run_dir}}/data", "{{model}}"]
+outputs = ["{{seed_dir}}/adapter/adapter_model.safetensors",
+           "{{seed_dir}}/adapter/train_metrics.json"]
+'''
+    text += '''
+[[steps]]
+name = "eval"
+per_seed = true
+run = """eval_loss.py --manifest {run_dir}/manifest.json --adapter-path {seed_dir}/adapter \\
+  --max-length {max_length} --output-json {seed_dir}/eval.json"""
+inputs = ["{run_dir}/manifest.json", "{run_dir}/data", "{seed_dir}/adapter"]
+outputs = ["{seed_dir}/eval.json", "{seed_dir}/eval.per_example.jsonl"]
+'''
+    path.write_text(text)
+    return path
+
+
+def runner(recipe, run_dir, *args, expect_ok=True):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, str(ROOT / "run_experiment.py"), str(recipe),
+                             "--run-dir", str(run_dir), *map(str, args)],
+                            capture_output=True, text=True, cwd=ROOT, env=env)
+    if expect_ok and result.returncode != 0:
+        raise AssertionError(f"runner failed ({result.returncode}):\n{result.stdout}\n"
+                             f"{result.stderr[-4000:]}")
+    return result
+
+
+def decisions(stdout: str) -> dict[str, str]:
+    """'[runner] finetune@seed1: run (forced): ...' -> {'finetune@seed1': 'run (forced)'}"""
+    found = {}
+    for line in stdout.splitlines():
+        m = re.match(r"\[runner\] (\S+): (skip[^:]*|run[^:]*)", line)
+        if m:
+            found[m.group(1)] = m.group(2).strip()
+    return found
+
+
+def mtimes(run_dir: Path) -> dict[str, int]:
+    skip = {"commands.sh", ".runner_state.json"}
+    return {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in run_dir.rglob("*")
+            if p.is_file() and p.name not in skip and "logs" not in p.parts}
+
+
+def load(path: Path):
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# the real chain (dataset -> finetune -> eval_loss, seed 1): its second step first fails on a bad
+# flag, the recipe is fixed, the run resumes; a rerun then skips everything; commands.sh replays
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory, tiny_model, chat_jsonl):
+    base = tmp_path_factory.mktemp("runner")
+    run_dir = base / "run"
+    bad = write_recipe(base / "bad.toml", tiny_model, chat_jsonl, "--no-such-flag")
+    failed = runner(bad, run_dir, expect_ok=False)
+    state_after_failure = load(run_dir / ".runner_state.json")
+    failed_log = (run_dir / "logs" / "finetune_seed1.log").read_text()
+    good = write_recipe(base / "good.toml", tiny_model, chat_jsonl)
+    fixed = runner(good, run_dir)
+    return {"run_dir": run_dir, "recipe": good, "failed": failed, "fixed": fixed,
+            "state_after_failure": state_after_failure, "failed_log": failed_log}
+
+
+def test_failed_step_stops_and_the_rerun_resumes(real):
+    run_dir, failed = real["run_dir"], real["failed"]
+    assert failed.returncode == 1
+    error = failed.stderr.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: step finetune (seed 1) failed")
+    assert error[0].endswith(f"log: {run_dir}/logs/finetune_seed1.log")
+    assert "unrecognized arguments: --no-such-flag" in real["failed_log"]
+    assert list(real["state_after_failure"]["steps"]) == ["dataset"]
+    assert decisions(real["fixed"].stdout) == {"dataset": "skip (up to date)",
+                                               "finetune@seed1": "run", "eval@seed1": "run"}
+    assert (run_dir / "seed_1" / "adapter" / "adapter_model.safetensors").is_file()
+    assert load(run_dir / "seed_1" / "eval.json")
+    assert sorted(load(run_dir / ".runner_state.json")["steps"]) == [
+        "dataset", "eval@seed1", "finetune@seed1"]
+    for log in ("dataset", "finetune_seed1", "eval_seed1"):
+        assert (run_dir / "logs" / f"{log}.log").is_file()
+
+
+def test_rerun_skips_everything(real):
+    run_dir = real["run_dir"]
+    before, state_before = mtimes(run_dir), (run_dir / ".runner_state.json").read_text()
+    again = runner(real["recipe"], run_dir)
+    assert decisions(again.stdout) == {k: "skip (up to date)"
+                                       for k in ("dataset", "finetune@seed1", "eval@seed1")}
+    assert mtimes(run_dir) == before
+    assert (run_dir / ".runner_state.json").read_text() == state_before
+    dry = runner(real["recipe"], run_dir, "--dry-run")  # agrees, and writes nothing
+    assert dry.stdout.count("skip (up to date)") == 3 and mtimes(run_dir) == before
+
+
+def test_commands_sh_replays_to_the_same_artifacts(real, tmp_path):
+    run_dir, fresh = real["run_dir"], tmp_path / "replay"
+    script = (run_dir / "commands.sh").read_text()
+    assert script.startswith("#!/usr/bin/env bash\n# Every command of run")
+    assert script.count("\nuv run python ") == 3 and "--no-such-flag" not in script
+    script = script.replace(str(run_dir), str(fresh)).replace("uv run python", sys.executable)
+    # the eval command is left out only to save test time: what is compared below is the
+    # splits and the training run (the brief's check); eval_loss.py adds ~15 s of CPU
+    script = "\n".join(line for line in script.splitlines() if "eval_loss.py" not in line)
+    (tmp_path / "replay.sh").write_text(script + "\n")
+    subprocess.run(["bash", str(tmp_path / "replay.sh")], cwd=ROOT, check=True,
+                   capture_output=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    from datasets import load_from_disk
+
+    a, b = load(run_dir / "manifest.json"), load(fresh / "manifest.json")
+    assert a["splits"] == b["splits"]
+    for name, entry in a["splits"].items():
+        assert (load_from_disk(str(run_dir / entry["path"]))["row_id"]
+                == load_from_disk(str(fresh / entry["path"]))["row_id"])
+    ma = load(run_dir / "seed_1" / "adapter" / "train_metrics.json")
+    mb = load(fresh / "seed_1" / "adapter" / "train_metrics.json")
+    assert ma["final_train_loss"] == pytest.approx(mb["final_train_loss"], rel=1e-4)
+    curve = [p["loss"] for p in ma["loss_curve"]]
+    assert curve == pytest.approx([p["loss"] for p in mb["loss_curve"]], rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# seeds and --force on a stand-in script (milliseconds a step): the runner's bookkeeping only
+
+STAND_IN = """import json, pathlib, sys, time
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+out = pathlib.Path(args["--out"])
+out.parent.mkdir(parents=True, exist_ok=True)
+read = pathlib.Path(args["--in"]).read_text() if "--in" in args else ""
+# like the real scripts, the output records when it was made (provenance)
+out.write_text(json.dumps({"seed": args.get("--seed"), "read": read, "time": time.time_ns()}))
+"""
+
+
+@pytest.fixture
+def stand_in(tmp_path):
+    (tmp_path / "step.py").write_text(STAND_IN)
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'''
+[recipe]
+run_dir = "{tmp_path}/run"
+seeds = [7]
+[vars]
+step = "{tmp_path}/step.py"
+[[steps]]
+name = "make"
+run = "{{step}} --out {{run_dir}}/a.json"
+outputs = ["{{run_dir}}/a.json"]
+[[steps]]
+name = "train"
+per_seed = true
+run = "{{step}} --in {{run_dir}}/a.json --out {{seed_dir}}/b.json --seed {{seed}}"
+inputs = ["{{run_dir}}/a.json"]
+outputs = ["{{seed_dir}}/b.json"]
+[[steps]]
+name = "eval"
+per_seed = true
+run = "{{step}} --in {{seed_dir}}/b.json --out {{seed_dir}}/c.json"
+inputs = ["{{seed_dir}}/b.json"]
+outputs = ["{{seed_dir}}/c.json"]
+[[steps]]
+name = "side"
+run = "{{step}} --in {{run_dir}}/a.json --out {{run_dir}}/side/d.json"
+inputs = ["{{run_dir}}/a.json"]
+outputs = ["{{run_dir}}/side/d.json"]
+[[steps]]
+name = "report"
+optional = true
+run = "{tmp_path}/not_written_yet.py --out {{run_dir}}/report.json"
+outputs = ["{{run_dir}}/report.json"]
+''')
+    return recipe, tmp_path / "run"
+
+
+def test_seeds_keep_their_own_folders(stand_in):
+    recipe, run_dir = stand_in
+    first = runner(recipe, run_dir, "--seeds", 1, 2)
+    assert list(decisions(first.stdout)) == ["make", "train@seed1", "train@seed2", "eval@seed1",
+                                             "eval@seed2", "side", "report"]
+    assert decisions(first.stdout)["report"].startswith("skip (optional;")
+    assert "# # uv run python" not in (run_dir / "commands.sh").read_text()
+    assert "\n# uv run python " + str(run_dir.parent) in (run_dir / "commands.sh").read_text()
+    for seed in (1, 2):
+        assert load(run_dir / f"seed_{seed}" / "b.json")["seed"] == str(seed)
+        assert (run_dir / f"seed_{seed}" / "c.json").is_file()
+        assert (run_dir / "logs" / f"train_seed{seed}.log").is_file()
+    assert not (run_dir / "seed_7").exists() and not (run_dir / "b.json").exists()
+    assert (run_dir / "logs" / "make.log").is_file()
+    # another seed later: only its own steps run
+    third = runner(recipe, run_dir, "--seeds", 1, 2, 3)
+    ran = {k for k, d in decisions(third.stdout).items() if d.startswith("run")}
+    assert ran == {"train@seed3", "eval@seed3"}
+    commands = (run_dir / "commands.sh").read_text()
+    assert f"--out {run_dir}/seed_3/b.json --seed 3" in commands
+
+
+def test_force_reruns_the_step_and_its_dependents(stand_in):
+    recipe, run_dir = stand_in
+    runner(recipe, run_dir, "--seeds", 1, 2)
+    before = mtimes(run_dir)
+    result = runner(recipe, run_dir, "--seeds", 1, 2, "--force", "train")
+    assert decisions(result.stdout) == {
+        "make": "skip (up to date)", "side": "skip (up to date)",
+        "report": decisions(result.stdout)["report"],
+        "train@seed1": "run (forced)", "train@seed2": "run (forced)",
+        "eval@seed1": "run (command or inputs changed)",
+        "eval@seed2": "run (command or inputs changed)"}
+    after = mtimes(run_dir)
+    assert {p for p in after if after[p] != before[p]} == {
+        f"seed_{s}/{f}.json" for s in (1, 2) for f in "bc"}
+    # a changed command line reruns the step too
+    recipe.write_text(recipe.read_text().replace("--out {run_dir}/side/d.json",
+                                                 "--out {run_dir}/side/d.json --note x"))
+    assert decisions(runner(recipe, run_dir, "--seeds", 1, 2).stdout)["side"] == \
+        "run (command or inputs changed)"
+
+
+def test_step_that_writes_no_output_and_reuse_existing(stand_in):
+    recipe, run_dir = stand_in
+    text = recipe.read_text()
+    recipe.write_text(text.replace('outputs = ["{run_dir}/a.json"]',
+                                   'outputs = ["{run_dir}/a.json", "{run_dir}/nope.json"]'))
+    result = runner(recipe, run_dir, expect_ok=False)
+    assert result.returncode == 1
+    assert result.stderr == (f"error: step make exited 0 but did not write {run_dir}/nope.json; "
+                             f"log: {run_dir}/logs/make.log\n")
+    assert not (run_dir / ".runner_state.json").exists()
+    # reuse_existing: outputs there -> skipped whatever the record says (a shared model folder)
+    recipe.write_text(text.replace('name = "make"', 'name = "make"\nreuse_existing = true'))
+    result = runner(recipe, run_dir)
+    assert decisions(result.stdout)["make"] == "skip (outputs exist; reuse_existing)"
+
+
+# ---------------------------------------------------------------------------------------------
+# bad recipes and arguments: one error naming the problem, nothing run
+
+
+def run_main(*argv):
+    with pytest.raises(rx.RunnerError) as err:
+        rx.main([str(a) for a in argv])
+    return str(err.value)
+
+
+def test_bad_recipes_are_refused(tmp_path):
+    good = write_recipe(tmp_path / "ok.toml", tmp_path / "model", tmp_path / "data.jsonl")
+    text = good.read_text()
+    run_dir = tmp_path / "run"
+
+    def variant(name, old, new):
+        assert old in text
+        path = tmp_path / f"{name}.toml"
+        path.write_text(text.replace(old, new, 1))
+        return path
+
+    msg = run_main(variant("ph", "--seed 42", "--seed {sede}"), "--run-dir", run_dir)
+    assert "step dataset uses unknown placeholder {sede}" in msg and "{seed_dir}" in msg
+    msg = run_main(variant("shared", "--run-dir {run_dir}", "--run-dir {seed_dir}"),
+                   "--run-dir", run_dir)
+    assert "step dataset is not per-seed but uses {seed_dir}" in msg
+    msg = run_main(good, "--run-dir", run_dir, "--force", "finetun")
+    assert "--force finetun: no such step" in msg and "dataset, finetune, eval" in msg
+    msg = run_main(variant("noout", 'outputs = ["{run_dir}/manifest.json", "{run_dir}/data"]',
+                           "outputs = []"), "--run-dir", run_dir)
+    assert "step dataset declares no outputs" in msg
+    msg = run_main(variant("key", "per_seed = true", "per_sed = true"), "--run-dir", run_dir)
+    assert "unknown key(s) per_sed" in msg
+    msg = run_main(variant("dup", 'name = "eval"', 'name = "finetune"'), "--run-dir", run_dir)
+    assert "step name finetune is used twice" in msg
+    msg = run_main(good, "--run-dir", run_dir, "--var", "modle=x")
+    assert "--var modle=x" in msg
+    assert "does not exist" in run_main(tmp_path / "nope.toml")
+    assert not run_dir.exists()
+    # from the command line: one `error:` line, exit code 2
+    result = runner(variant("cli", "--seed 42", "--seed {sede}"), run_dir, expect_ok=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: recipe")
+
+
+def test_placeholders_vars_and_per_seed_split(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('''
+[recipe]
+run_dir = "runs/x y"
+seeds = [3]
+per_seed_split = true
+[vars]
+extra = "--a 1 --b '2 3'"
+data = "{run_dir}/d.jsonl"
+[[steps]]
+name = "split"
+per_seed = "split"
+run = "uv run python dataset.py --run-dir {split_dir} --dataset-name {data} {extra}"
+outputs = ["{split_dir}/manifest.json"]
+[[steps]]
+name = "shared"
+run = "compare_evals.py --a {run_dir}/a --seed {seed} --x {{literal}}"
+outputs = ["{run_dir}/c.json"]
+''')
+    r = rx.load_recipe(recipe, None, None, [])
+    split, shared = rx.plan_tasks(r)
+    assert split.argv == ["dataset.py", "--run-dir", "runs/x y/seed_3", "--dataset-name",
+                          "runs/x y/d.jsonl", "--a", "1", "--b", "2 3"]
+    assert split.outputs == ["runs/x y/seed_3/manifest.json"] and split.key == "split@seed3"
+    assert shared.argv == ["compare_evals.py", "--a", "runs/x y/a", "--seed", "42", "--x",
+                           "{literal}"]
+    assert "uv run python dataset.py --run-dir 'runs/x y/seed_3'" in rx.commands_text(r, [split])
+
+
+# ---------------------------------------------------------------------------------------------
+# the shipped recipes: parse, resolve, and name only scripts and flags that exist
+
+def test_recipes_name_existing_scripts_and_flags():
+    commands = {}  # (script, subcommand) -> flags used anywhere
+    recipes = sorted((ROOT / "recipes").glob("*.toml"))
+    assert {p.name for p in recipes} >= {"smoltalk.toml", "taboo.toml", "demo.toml"}
+    for path in recipes:
+        recipe = rx.load_recipe(path, None, [1, 2], [])
+        for task in rx.plan_tasks(recipe):
+            sub = task.argv[1] if len(task.argv) > 1 and not task.argv[1].startswith("-") else None
+            flags = {a.split("=")[0] for a in task.argv[1:] if a.startswith("--")}
+            commands.setdefault((task.argv[0], sub), set()).update(flags)
+    runnable = {k: v for k, v in commands.items() if (ROOT / k[0]).is_file()}
+    missing = {k[0] for k in commands} - {k[0] for k in runnable}
+    assert not missing, f"recipes name missing scripts {missing}"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    procs = {k: subprocess.Popen([sys.executable, k[0], *([k[1]] if k[1] else []), "--help"],
+                                 cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+             for k in runnable}
+    for (script, sub), proc in procs.items():
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{script} {sub or ''} --help failed:\n{out[-2000:]}"
+        for flag in sorted(runnable[(script, sub)]):
+            assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", out), \
+                f"{script} {sub or ''} has no {flag} (recipes use it)"
