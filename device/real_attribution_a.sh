@@ -3,7 +3,7 @@
 set -euo pipefail
 source device/env.sh
 t dataset $PY dataset.py --run-dir $RUN --dataset-name $CHAT_DATA \
-  --group-column instruction_id --train-size $TRAIN --query-size $QUERY --eval-size $EVAL --seed 42 --overwrite
+  --group-column instruction_id --train-size $TRAIN --query-size $QUERY --eval-size $EVAL --seed 42 --overwrite ${DATASET_EXTRA:-}
 t finetune_base $PY finetune.py train --manifest $RUN/manifest.json --base-model $MODEL \
   --output-dir $RUN/base_adapter --overwrite $EXTRA
 mkdir -p $OUT/a
