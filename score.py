@@ -78,8 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=2048,
                    help="truncate rows on the right to this many tokens, as finetune.py does")
     p.add_argument("--token-batch-size", type=int, default=None,
-                   help="tokens per bergson batch (default: 8192, capped at the model's "
-                        "context); must be >= --max-length")
+                   help="tokens per bergson batch (default: 8192 on GPU, 2048 on CPU, capped "
+                        "at the model's context); must be >= --max-length")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="model precision in bergson (auto: bf16 on GPU, fp32 on CPU); scores "
                         "are always accumulated in fp32")
@@ -324,7 +324,10 @@ def main(argv=None) -> None:
     base_model = resolve_base_model(adapter_path)
     tokenizer = load_tokenizer(str(adapter_path))
     context = model_context_length(base_model, tokenizer)
-    token_batch_size = args.token_batch_size or min(8192, context)
+    # a CPU run keeps batches small: bergson's per-module gradient hooks hold every activation of
+    # the batch, and 8192 tokens of a 135M model in fp32 no longer fit in 24 GiB
+    default_batch = 8192 if torch.cuda.is_available() else 2048
+    token_batch_size = args.token_batch_size or min(default_batch, context)
     if token_batch_size > context:
         raise PipelineError(f"--token-batch-size {token_batch_size} exceeds the model's context "
                             f"({context} tokens)")
