@@ -8,6 +8,9 @@ token-weighted mean, not a mean of batch means. The base model is evaluated with
 switched off in the same loaded model, so both numbers come from one load and one tokenization.
 Per-example NLL sums and token counts go to <output-json stem>.per_example.jsonl (row_id-keyed,
 for paired statistics). Without --adapter-path only the base model is evaluated.
+
+Several GPUs: `torchrun --nproc-per-node N eval_loss.py ...` splits the rows across N processes
+(balanced by length); process 0 gathers the per-row sums and writes the same files.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline import (PipelineError, base_model_of_adapter, check_adapter_dir, length_sorted_batches,
-                      load_manifest, load_model_with_adapter, load_split, load_tokenizer, pad_batch,
-                      pick_device, pick_dtype, provenance, run_main, token_nll_sums,
-                      tokenize_split, write_json_atomic, write_jsonl_atomic)
+from pipeline import (PipelineError, base_model_of_adapter, check_adapter_dir, close_distributed,
+                      gather_to_first, init_distributed, length_sorted_batches, load_manifest,
+                      load_model_with_adapter, load_split, load_tokenizer, pad_batch, pick_dtype,
+                      provenance, run_main, shard_indices, token_nll_sums, tokenize_split,
+                      write_json_atomic, write_jsonl_atomic)
 
 
 def parse_args(argv=None):
@@ -54,20 +58,26 @@ def parse_args(argv=None):
     return args
 
 
-def per_row_nll(model, rows, pad_token_id, device, batch_size, autocast, desc):
-    """(nll_sum, supervised_count) for every row, in row order."""
+def per_row_nll(model, rows, pad_token_id, device, batch_size, autocast, desc, rank=0, world=1):
+    """(nll_sum, supervised_count) for every row, in row order, on rank 0 (None elsewhere);
+    each process computes its share of the rows."""
     import torch
 
-    sums, counts = [0.0] * len(rows), [0] * len(rows)
     lengths = [len(r["input_ids"]) for r in rows]
-    batches = length_sorted_batches(lengths, batch_size)
+    mine = shard_indices(lengths, rank, world)
+    found = {}
+    batches = length_sorted_batches([lengths[i] for i in mine], batch_size)
     with torch.no_grad(), autocast():
-        for batch in tqdm(batches, desc=desc, unit="batch"):
-            input_ids, labels, mask = pad_batch([rows[i] for i in batch], pad_token_id, device)
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=rank != 0):
+            indices = [mine[i] for i in batch]
+            input_ids, labels, mask = pad_batch([rows[i] for i in indices], pad_token_id, device)
             nll, count = token_nll_sums(model, input_ids, labels, mask)
-            for i, s, c in zip(batch, nll.tolist(), count.tolist()):
-                sums[i], counts[i] = s, c
-    return sums, counts
+            found.update(zip(indices, zip(nll.tolist(), count.tolist())))
+    gathered = gather_to_first(found, rank, world)
+    if rank != 0:
+        return None, None
+    merged = {i: value for part in gathered for i, value in part.items()}
+    return [merged[i][0] for i in range(len(rows))], [merged[i][1] for i in range(len(rows))]
 
 
 def summarize(sums, counts, seconds, n_tokens):
@@ -88,7 +98,7 @@ def main(argv=None):
                   or (base_model_of_adapter(args.adapter_path) if args.adapter_path else None)
                   or "google/gemma-3-1b-it")
     split = load_split(manifest, args.eval_split)
-    device = pick_device(args.device)
+    rank, world, device = init_distributed(args.device)
     dtype = pick_dtype(args.precision, device)
     tokenizer = load_tokenizer(args.adapter_path or base_model)
     rows = tokenize_split(split, tokenizer, args.max_length, desc=f"tokenize {args.eval_split}")
@@ -119,14 +129,25 @@ def main(argv=None):
         started = time.perf_counter()
         with context:
             sums, counts = per_row_nll(model, rows, tokenizer.pad_token_id, device,
-                                       args.batch_size, autocast, desc=f"eval {name}")
+                                       args.batch_size, autocast, f"eval {name}", rank, world)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        if rank != 0:
+            continue
         results[name] = summarize(sums, counts, time.perf_counter() - started, n_tokens)
         for row, s, c in zip(rows, sums, counts):
             per_example[row["row_id"]][f"{name}_nll_sum"] = s
             per_example[row["row_id"]][f"{name}_loss"] = s / c if c else None
         print(f"{name}: loss {results[name]['loss']:.4f} ppl {results[name]['perplexity']:.3f}")
+    if rank == 0:
+        write_report(args, manifest, base_model, rows, supervised, n_tokens, dtype, device,
+                     world, results, per_example)
+    close_distributed()
+
+
+def write_report(args, manifest, base_model, rows, supervised, n_tokens, dtype, device, world,
+                 results, per_example):
+    import torch
 
     output = Path(args.output_json)
     per_example_path = output.with_name(output.stem + ".per_example.jsonl")
@@ -141,6 +162,7 @@ def main(argv=None):
         "max_length": args.max_length,
         "dtype": str(dtype).replace("torch.", ""),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "processes": world,
         **results,
         "per_example_path": per_example_path.name,
         "provenance": provenance(manifest=args.manifest),

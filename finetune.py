@@ -8,6 +8,15 @@ are supervised. The loss of an optimizer step is the summed token NLL over every
 in the step divided by their count, so long and short completions weigh per token, not per row.
 Continuation manifests written by score.py work the same way (--train-split top_k, say), and
 --resume-adapter continues training an existing adapter instead of starting a fresh one.
+
+Several GPUs, data-parallel (one process per GPU; --batch-size is per process):
+
+  torchrun --nproc-per-node 2 finetune.py train ...
+
+Each optimizer step then takes gradient-accumulation x processes micro-batches from the same
+seeded stream, process r training micro-batches r, r+N, ...; the LoRA gradients are summed over
+processes before clipping. N processes with --gradient-accumulation G make the same steps as one
+process with --gradient-accumulation N*G (the tests check it), in about 1/N of the time.
 """
 
 from __future__ import annotations
@@ -19,10 +28,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline import (PipelineError, base_model_of_adapter, check_adapter_dir, length_sorted_batches,
-                      load_manifest, load_model_with_adapter, load_split, load_tokenizer, pad_batch,
-                      pick_device, pick_dtype, provenance, publish_dir, run_main, staging_dir,
-                      token_nll_sums, tokenize_split, write_json_atomic)
+from pipeline import (PipelineError, base_model_of_adapter, check_adapter_dir, close_distributed,
+                      init_distributed, length_sorted_batches, load_manifest,
+                      load_model_with_adapter, load_split, load_tokenizer, pad_batch, pick_dtype,
+                      provenance, publish_dir, run_main, shard_indices, staging_dir,
+                      sum_over_processes, token_nll_sums, tokenize_split, write_json_atomic)
 
 DEFAULT_BASE_MODEL = "google/gemma-3-1b-it"
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -58,7 +68,8 @@ def parse_args(argv=None):
                    help="fraction of steps with linear warm-up; then linear decay to 0")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="rows per micro-batch (per process under torchrun)")
     p.add_argument("--max-batch-tokens", type=int, default=None,
                    help="also cap a micro-batch at this many padded tokens (long rows get "
                         "smaller batches)")
@@ -122,22 +133,44 @@ def epoch_batches(lengths, args, epoch: int):
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def evaluate(model, rows, pad_token_id, device, batch_size: int, autocast) -> dict:
+def evaluate(model, rows, pad_token_id, device, batch_size: int, autocast, rank: int,
+             world: int) -> dict:
+    """Token-weighted eval loss; under torchrun each process takes a share of the rows."""
     import torch
 
     model.eval()
     nll_total, token_total = 0.0, 0
     lengths = [len(r["input_ids"]) for r in rows]
+    mine = shard_indices(lengths, rank, world)
     with torch.no_grad(), autocast():
-        for batch in length_sorted_batches(lengths, batch_size):
-            input_ids, labels, mask = pad_batch([rows[i] for i in batch], pad_token_id, device)
+        for batch in length_sorted_batches([lengths[i] for i in mine], batch_size):
+            batch_rows = [rows[mine[i]] for i in batch]
+            input_ids, labels, mask = pad_batch(batch_rows, pad_token_id, device)
             nll, count = token_nll_sums(model, input_ids, labels, mask)
             nll_total += nll.sum().item()
             token_total += int(count.sum().item())
+    nll_total, token_total = sum_over_processes([nll_total, token_total], device)
+    token_total = int(token_total)
     model.train()
     loss = nll_total / token_total
     return {"loss": loss, "perplexity": math.exp(loss), "supervised_token_count": token_total,
             "num_rows": len(rows)}
+
+
+def sum_gradients_over_processes(trainable) -> None:
+    """One all-reduce of every trainable gradient, flattened into a single fp32 buffer (a LoRA
+    model has hundreds of small tensors; one call each would be launch-bound)."""
+    import torch
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for param in trainable:
+        n = param.numel()
+        param.grad = flat[offset:offset + n].view_as(param).to(param.dtype)
+        offset += n
 
 
 def train(args) -> None:
@@ -155,7 +188,7 @@ def train(args) -> None:
     train_split = load_split(manifest, args.train_split)
     eval_split = None if args.eval_split == "none" else load_split(manifest, args.eval_split)
 
-    device = pick_device(args.device)
+    rank, world, device = init_distributed(args.device)
     dtype = pick_dtype(args.precision, device)
     tokenizer = load_tokenizer(args.resume_adapter or args.base_model)
     train_rows = tokenize_split(train_split, tokenizer, args.max_length,
@@ -180,12 +213,19 @@ def train(args) -> None:
         model.enable_input_require_grads()
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if world > 1:
+        import torch.distributed as dist
+
+        for param in trainable:  # every process starts from rank 0's adapter weights
+            dist.broadcast(param.data, src=0)
+        torch.manual_seed(args.seed + rank)  # independent LoRA dropout masks per process
     n_trainable = sum(p.numel() for p in trainable)
     n_total = sum(p.numel() for p in model.parameters())
 
     lengths = [len(r["input_ids"]) for r in train_rows]
     batches_per_epoch = len(epoch_batches(lengths, args, 0))
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation)
+    micro_per_step = args.gradient_accumulation * world
+    steps_per_epoch = math.ceil(batches_per_epoch / micro_per_step)
     total_steps = args.max_steps or max(1, math.ceil(steps_per_epoch * args.epochs))
     warmup_steps = int(args.warmup_ratio * total_steps)
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate,
@@ -214,13 +254,13 @@ def train(args) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    progress = tqdm(range(total_steps), desc="train", unit="step")
+    progress = tqdm(range(total_steps), desc="train", unit="step", disable=rank != 0)
     for step in progress:
-        micro = [next(stream) for _ in range(args.gradient_accumulation)]
+        micro = [next(stream) for _ in range(micro_per_step)]
         step_rows = [[train_rows[i] for i in batch] for _, batch in micro]
         step_supervised = sum(r["num_supervised_tokens"] for rows in step_rows for r in rows)
-        step_nll = 0.0
-        for rows in step_rows:
+        step_nll, step_tokens = 0.0, 0
+        for rows in step_rows[rank::world]:
             input_ids, labels, mask = pad_batch(rows, pad_id, device)
             with autocast():
                 nll, _ = token_nll_sums(model, input_ids, labels, mask)
@@ -228,7 +268,11 @@ def train(args) -> None:
             # gradient of the step's per-token mean loss
             (nll.sum() / step_supervised).backward()
             step_nll += nll.sum().item()
-            tokens_seen += int(mask.sum().item())
+            step_tokens += int(mask.sum().item())
+        if world > 1:
+            sum_gradients_over_processes(trainable)
+            step_nll, step_tokens = sum_over_processes([step_nll, step_tokens], device)
+        tokens_seen += int(step_tokens)
         supervised_seen += step_supervised
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm).item()
         optimizer.step()
@@ -250,11 +294,15 @@ def train(args) -> None:
     eval_result = None
     if eval_rows is not None:
         eval_started = time.perf_counter()
-        eval_result = evaluate(model, eval_rows, pad_id, device, args.eval_batch_size, autocast)
+        eval_result = evaluate(model, eval_rows, pad_id, device, args.eval_batch_size, autocast,
+                               rank, world)
         eval_result["split"] = args.eval_split
         eval_result["wall_clock_s"] = time.perf_counter() - eval_started
-        print(f"eval loss on '{args.eval_split}': {eval_result['loss']:.4f} "
-              f"(ppl {eval_result['perplexity']:.2f})")
+        if rank == 0:
+                print(f"eval loss on '{args.eval_split}': {eval_result['loss']:.4f} "
+                  f"(ppl {eval_result['perplexity']:.2f})")
+    if rank != 0:  # rank 0 holds the same adapter and writes it
+        return
 
     staged = staging_dir(output_dir)
     model.save_pretrained(str(staged))
@@ -267,12 +315,14 @@ def train(args) -> None:
         "num_rows_without_supervised_tokens": n_before - len(train_rows),
         "num_rows_truncated": n_truncated,
         "optimizer_steps": total_steps,
+        "processes": world,
+        "micro_batches_per_step": micro_per_step,
         "steps_per_epoch": steps_per_epoch,
         "tokens_seen": tokens_seen,
         "supervised_tokens_seen": supervised_seen,
         "train_wall_clock_s": train_seconds,
         "train_tokens_per_s": tokens_seen / train_seconds,
-        "peak_gpu_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30
+        "peak_gpu_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30  # rank 0's
                                 if device.type == "cuda" else None),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype).replace("torch.", ""),
@@ -295,6 +345,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.command == "train":
         train(args)
+    close_distributed()
 
 
 if __name__ == "__main__":

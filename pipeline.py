@@ -282,6 +282,73 @@ def pick_dtype(precision: str, device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
+# ---------------------------------------------------------------------------------------------
+# data parallelism: one process per GPU under torchrun
+
+
+def init_distributed(requested_device: str = "auto"):
+    """(rank, world_size, device). Under `torchrun --nproc-per-node N` (WORLD_SIZE > 1) the
+    process joins the group: NCCL with GPU LOCAL_RANK, or gloo on the CPU (how the tests run the
+    multi-process paths). Started plainly: (0, 1, the --device it was given)."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(requested_device)
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if device.index is not None:
+            raise PipelineError(f"--device {requested_device} under torchrun: each process takes "
+                                "GPU LOCAL_RANK; pass --device auto or cuda")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return rank, world, device
+
+
+def shard_indices(lengths: list[int], rank: int, world: int) -> list[int]:
+    """This process's rows: dealt out in descending length order, so every process gets about
+    the same number of tokens; sorted back into row order."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return sorted(order[rank::world])
+
+
+def gather_to_first(obj, rank: int, world: int):
+    """[rank 0's obj, rank 1's obj, ...] on rank 0; None on the others."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def sum_over_processes(values, device):
+    """Element-wise sum of a list of numbers over all processes (float64); unchanged alone."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    buffer = torch.tensor(list(values), dtype=torch.float64, device=device)
+    dist.all_reduce(buffer)
+    return buffer.tolist()
+
+
+def close_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 

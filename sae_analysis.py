@@ -19,6 +19,9 @@ Pooling happens on the device batch by batch; only [batch x d_sae] means reach t
 <output-dir>/<sae name>.npz with row_id, feature_activation_mean [n, d_sae] float32, one array per
 sample statistic (names in stat_names) and the SAE's per-feature firing frequency; and
 <output-dir>/summary.json (hook, SAE, layer, token counts, dead features, throughput, provenance).
+
+Several GPUs: `torchrun --nproc-per-node N sae_analysis.py ...` splits the rows across N processes
+(balanced by length); process 0 gathers the pooled rows and writes the same files.
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline import (IGNORE_INDEX, PipelineError, base_model_of_adapter, check_adapter_dir,
-                      length_sorted_batches, load_manifest, load_model_with_adapter, load_split,
-                      load_tokenizer, pad_batch, pick_device, pick_dtype, provenance, run_main,
-                      tokenize_split, write_json_atomic)
+                      close_distributed, gather_to_first, init_distributed, length_sorted_batches,
+                      load_manifest, load_model_with_adapter, load_split, load_tokenizer,
+                      pad_batch, pick_dtype, provenance, run_main, shard_indices, tokenize_split,
+                      write_json_atomic)
 
 DEFAULT_MODEL = "google/gemma-3-1b-it"
 DEFAULT_SAE_RELEASE = "gemma-scope-2-1b-it-res"
@@ -278,6 +282,11 @@ def save_npz_atomic(path: Path, arrays: dict) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
+    encode_split(args)
+    close_distributed()
+
+
+def encode_split(args):
     import numpy as np
     import torch
 
@@ -298,7 +307,7 @@ def main(argv=None):
     split = load_split(manifest, args.split)
     if args.max_examples is not None:
         split = split.select(range(min(args.max_examples, len(split))))
-    device = pick_device(args.device)
+    rank, world, device = init_distributed(args.device)
     dtype = pick_dtype(args.precision, device)
     tokenizer = load_tokenizer(args.adapter_path or model_name)
     rows = tokenize_split(split, tokenizer, args.max_tokens, desc=f"tokenize {args.split}")
@@ -310,7 +319,7 @@ def main(argv=None):
     sae, sae_source = load_sae(args, device)
     sae.eval()
     layer = resolve_layer(sae, args.layer, sae_name)
-    if args.export_sae:
+    if args.export_sae and rank == 0:
         sae.save_model(args.export_sae)
         print(f"saved the SAE in sae-lens format to {args.export_sae}")
     model = load_model_with_adapter(model_name, args.adapter_path, dtype, device)
@@ -324,11 +333,14 @@ def main(argv=None):
     stats["n_tokens"][:] = [r["num_tokens"] for r in rows]
     fire_count = torch.zeros(d_sae, dtype=torch.float64, device=device)
     lengths = [len(r["input_ids"]) for r in rows]
-    batches = length_sorted_batches(lengths, args.batch_size, args.max_batch_tokens)
+    mine = shard_indices(lengths, rank, world)
+    batches = [[mine[i] for i in batch] for batch in
+               length_sorted_batches([lengths[i] for i in mine], args.batch_size,
+                                     args.max_batch_tokens)]
     tokens_forwarded = 0
     started = time.perf_counter()
     with torch.no_grad():
-        for batch in tqdm(batches, desc=f"encode {args.split}", unit="batch"):
+        for batch in tqdm(batches, desc=f"encode {args.split}", unit="batch", disable=rank != 0):
             input_ids, labels, attention_mask = pad_batch([rows[i] for i in batch],
                                                           tokenizer.pad_token_id, device)
             resid = residual_after_layer(model, layer_module, input_ids, attention_mask)
@@ -341,6 +353,19 @@ def main(argv=None):
             tokens_forwarded += int(attention_mask.sum().item())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    if world > 1:  # process 0 collects every process's rows into the full arrays
+        parts = gather_to_first((mine, means[mine], {k: v[mine] for k, v in stats.items()},
+                                 fire_count.cpu(), tokens_forwarded), rank, world)
+        if rank != 0:
+            return
+        fire_count = torch.zeros_like(fire_count)
+        tokens_forwarded = 0
+        for indices, part_means, part_stats, part_fire_count, part_tokens in parts:
+            means[indices] = part_means
+            for name, values in part_stats.items():
+                stats[name][indices] = values
+            fire_count += part_fire_count.to(device)
+            tokens_forwarded += part_tokens
     seconds = time.perf_counter() - started
 
     total_pooled = int(stats["n_tokens_pooled"].sum())
@@ -391,6 +416,7 @@ def main(argv=None):
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "model_dtype": str(dtype).replace("torch.", ""),
         "batch_size": args.batch_size,
+        "processes": world,
         "provenance": provenance(manifest=args.manifest),
     }
     write_json_atomic(output_dir / "summary.json", summary)
