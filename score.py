@@ -34,8 +34,9 @@ from tqdm import tqdm
 
 from pipeline import (PipelineError, base_model_of_adapter, check_adapter_dir,
                       load_manifest, load_split, load_tokenizer, matched_random_indices,
-                      provenance, prompt_messages, publish_dir, staging_dir, tokenize_split,
-                      write_json_atomic, write_jsonl_atomic, write_selection_manifest)
+                      provenance, prompt_messages, publish_dir, read_json, read_jsonl,
+                      staging_dir, tokenize_split, write_json_atomic, write_jsonl_atomic,
+                      write_selection_manifest)
 
 
 def parse_args(argv=None):
@@ -89,6 +90,12 @@ def parse_args(argv=None):
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) bergson uses")
     p.add_argument("--keep-gradients", action="store_true",
                    help="keep bergson's query gradient index and Hessian under bergson/")
+    p.add_argument("--scores-from", default=None, metavar="DIR",
+                   help="reuse the train scores of an earlier score.py run on the same split "
+                        "(its --output-dir) instead of running bergson: only the top-k and the "
+                        "matched random subset (--subset-k, --seed) are drawn again. The scores "
+                        "do not depend on --seed, so a multi-seed run scores once and redraws "
+                        "the random subset per seed")
     return p.parse_args(argv)
 
 
@@ -302,6 +309,77 @@ def subset_summary(rows: list[int], scores, num_tokens, num_supervised) -> dict:
             "supervised_tokens": int(np.sum(num_supervised[idx]))}
 
 
+def write_selection(args, manifest, train_split, scores, num_tokens, num_supervised, staged: Path,
+                    output_dir: Path, method: dict):
+    """train_scores.jsonl and continuation_manifest.json (top_k, matched_random_k) into staged;
+    returns (top rows, random rows) as row indices."""
+    ranking = rank_rows(scores)
+    rank_of = {row: r + 1 for r, row in enumerate(ranking)}
+    top, random_rows = choose_subsets(ranking, args.subset_k, args.seed, args.allow_overlap)
+    row_ids = train_split["row_id"]
+    top_set, random_set = set(top), set(random_rows)
+    write_jsonl_atomic(staged / "train_scores.jsonl", (
+        {"row_id": row_ids[i], "score": float(scores[i]) if math.isfinite(scores[i]) else None,
+         "rank": rank_of.get(i), "num_tokens": int(num_tokens[i]),
+         "num_supervised_tokens": int(num_supervised[i]),
+         "in_top_k": i in top_set, "in_matched_random_k": i in random_set}
+        for i in range(len(scores))))
+    selection = {"method": "bergson", "source_split": args.train_split, **method,
+                 "k": args.subset_k, "seed": args.seed, "allow_overlap": args.allow_overlap,
+                 "overlap_rows": len(top_set & random_set),
+                 "random_pool": "rows with a finite score"
+                                + ("" if args.allow_overlap else ", outside the top-k"),
+                 "scores": str((output_dir / "train_scores.jsonl").resolve())}
+    write_selection_manifest(manifest, staged / "continuation_manifest.json",
+                             {"top_k": train_split.select(top),
+                              "matched_random_k": train_split.select(random_rows)},
+                             selection)
+    return top, random_rows
+
+
+def redraw_subsets(args, manifest, train_split, output_dir: Path) -> None:
+    """--scores-from: the earlier run's scores, subsets drawn again with this run's k and seed."""
+    import numpy as np
+
+    source = Path(args.scores_from)
+    source_summary = read_json(source / "summary.json", "--scores-from summary")
+    rows = read_jsonl(source / "train_scores.jsonl", "--scores-from scores")
+    if source_summary.get("train_split") != args.train_split:
+        raise PipelineError(f"--scores-from {source} scored split "
+                            f"'{source_summary.get('train_split')}', not '{args.train_split}'")
+    if [r["row_id"] for r in rows] != train_split["row_id"]:
+        raise PipelineError(f"--scores-from {source}/train_scores.jsonl does not hold the rows of "
+                            f"split '{args.train_split}' of {args.manifest} in order")
+    if len(train_split) < args.subset_k:
+        raise PipelineError(f"--subset-k {args.subset_k} is larger than split "
+                            f"'{args.train_split}' ({len(train_split)} rows)")
+    scores = np.array([np.nan if r["score"] is None else r["score"] for r in rows])
+    num_tokens = np.array([r["num_tokens"] for r in rows])
+    num_supervised = np.array([r["num_supervised_tokens"] for r in rows])
+    staged = staging_dir(output_dir)
+    try:
+        method = {k: source_summary.get(k) for k in
+                  ("score_mode", "preconditioning_mode", "projection_dim")}
+        top, random_rows = write_selection(args, manifest, train_split, scores, num_tokens,
+                                           num_supervised, staged, output_dir,
+                                           {**method, "scores_from": str(source.resolve())})
+        summary = {**source_summary,
+                   "scores_from": str(source.resolve()),
+                   "top_k": subset_summary(top, scores, num_tokens, num_supervised),
+                   "matched_random_k": subset_summary(random_rows, scores, num_tokens,
+                                                      num_supervised),
+                   "provenance": provenance(seed=args.seed, manifest=args.manifest)}
+        write_json_atomic(staged / "summary.json", summary)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        publish_dir(staged, output_dir)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    print(f"drew top-{args.subset_k} and a matched random {args.subset_k} (seed {args.seed}) "
+          f"from the scores in {source}; wrote {output_dir}")
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -315,6 +393,9 @@ def main(argv=None) -> None:
     output_dir = Path(args.output_dir)
     prepare_output_dir(output_dir, args.overwrite)
     manifest = load_manifest(args.manifest)
+    if args.scores_from:
+        redraw_subsets(args, manifest, load_split(manifest, args.train_split), output_dir)
+        return
     adapter_path = check_adapter_dir(args.adapter_path)
     train_split = load_split(manifest, args.train_split)
     query_split = load_split(manifest, args.query_split)
@@ -390,32 +471,11 @@ def main(argv=None) -> None:
         too_short = int(np.sum(bergson_lengths < 2))
         unsupervised = (num_supervised == 0) if not chat else np.zeros(len(scores), bool)
         scores[unsupervised] = np.nan  # a zero gradient says nothing; finetune ignores the row
-        ranking = rank_rows(scores)
-        rank_of = {row: r + 1 for r, row in enumerate(ranking)}
-        top, random_rows = choose_subsets(ranking, args.subset_k, args.seed, args.allow_overlap)
-
-        row_ids = train_split["row_id"]
-        top_set, random_set = set(top), set(random_rows)
-        write_jsonl_atomic(staged / "train_scores.jsonl", (
-            {"row_id": row_ids[i], "score": float(scores[i]) if math.isfinite(scores[i]) else None,
-             "rank": rank_of.get(i), "num_tokens": int(num_tokens[i]),
-             "num_supervised_tokens": int(num_supervised[i]),
-             "in_top_k": i in top_set, "in_matched_random_k": i in random_set}
-            for i in range(len(scores))))
-
-        selection = {"method": "bergson", "source_split": args.train_split,
-                     "score_mode": args.score_mode,
-                     "preconditioning_mode": args.preconditioning_mode,
-                     "projection_dim": args.projection_dim, "k": args.subset_k,
-                     "seed": args.seed, "allow_overlap": args.allow_overlap,
-                     "overlap_rows": len(set(top) & set(random_rows)),
-                     "random_pool": "rows with a finite score"
-                                    + ("" if args.allow_overlap else ", outside the top-k"),
-                     "scores": str((output_dir / "train_scores.jsonl").resolve())}
-        write_selection_manifest(manifest, staged / "continuation_manifest.json",
-                                 {"top_k": train_split.select(top),
-                                  "matched_random_k": train_split.select(random_rows)},
-                                 selection)
+        top, random_rows = write_selection(args, manifest, train_split, scores, num_tokens,
+                                           num_supervised, staged, output_dir,
+                                           {"score_mode": args.score_mode,
+                                            "preconditioning_mode": args.preconditioning_mode,
+                                            "projection_dim": args.projection_dim})
 
         scored_tokens = int(bergson_lengths.sum())
         query_tokens = int(np.sum(query_tok["length"]))

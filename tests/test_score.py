@@ -280,3 +280,37 @@ def test_help_documents_every_mode():
                  "--seed", "--allow-overlap", "--max-length", "--precision",
                  "--token-batch-size", "(H_m + d * mean(eig(H_m)) * I)^-1"]:
         assert flag in out, flag
+
+
+def test_scores_from_redraws_only_the_subsets(scored_run, tmp_path):
+    run_dir, runs = scored_run
+    common = ["--manifest", run_dir / "manifest.json", "--scores-from", runs["mean"],
+              "--subset-k", 8]
+    run_script("score.py", *common, "--seed", 42, "--output-dir", tmp_path / "same_seed")
+    run_script("score.py", *common, "--seed", 7, "--output-dir", tmp_path / "seed_7")
+    original = read_scores(runs["mean"])
+    # the same seed reproduces the bergson run's outputs, without running bergson
+    assert read_scores(tmp_path / "same_seed") == original
+    assert not (tmp_path / "same_seed" / "bergson").exists()
+    assert (split_rows(tmp_path / "same_seed", "matched_random_k", "continuation_manifest.json")
+            ["row_id"] == split_rows(runs["mean"], "matched_random_k",
+                                     "continuation_manifest.json")["row_id"])
+    # another seed: same scores and top-k, another random subset, still outside the top-k
+    redrawn = read_scores(tmp_path / "seed_7")
+    assert [(r["row_id"], r["score"], r["rank"], r["in_top_k"]) for r in redrawn] == \
+           [(r["row_id"], r["score"], r["rank"], r["in_top_k"]) for r in original]
+    random_7 = {r["row_id"] for r in redrawn if r["in_matched_random_k"]}
+    random_42 = {r["row_id"] for r in original if r["in_matched_random_k"]}
+    assert len(random_7) == 8 and random_7 != random_42
+    assert not random_7 & {r["row_id"] for r in redrawn if r["in_top_k"]}
+    summary = json.loads((tmp_path / "seed_7" / "summary.json").read_text())
+    assert summary["scores_from"] == str(runs["mean"].resolve())
+    assert summary["provenance"]["seed"] == 7 and summary["n_finite"] == 40
+    manifest = json.loads((tmp_path / "seed_7" / "continuation_manifest.json").read_text())
+    assert manifest["selection"]["seed"] == 7 and manifest["selection"]["scores_from"]
+    # scores of other rows are refused
+    result = run_script("score.py", "--manifest", run_dir / "manifest.json", "--scores-from",
+                        runs["mean"], "--train-split", "eval", "--subset-k", 4,
+                        "--output-dir", tmp_path / "bad", expect_ok=False)
+    assert result.returncode == 2 and "scored split 'train_base'" in result.stderr
+    assert not (tmp_path / "bad").exists()
