@@ -16,7 +16,8 @@ Several GPUs, data-parallel (one process per GPU; --batch-size is per process):
 Each optimizer step then takes gradient-accumulation x processes micro-batches from the same
 seeded stream, process r training micro-batches r, r+N, ...; the LoRA gradients are summed over
 processes before clipping. N processes with --gradient-accumulation G make the same steps as one
-process with --gradient-accumulation N*G (the tests check it), in about 1/N of the time.
+process with --gradient-accumulation N*G (the tests check it). The speed-up on GPUs is not
+measured yet (device/multigpu.sh measures it).
 """
 
 from __future__ import annotations
@@ -299,7 +300,7 @@ def train(args) -> None:
         eval_result["split"] = args.eval_split
         eval_result["wall_clock_s"] = time.perf_counter() - eval_started
         if rank == 0:
-                print(f"eval loss on '{args.eval_split}': {eval_result['loss']:.4f} "
+            print(f"eval loss on '{args.eval_split}': {eval_result['loss']:.4f} "
                   f"(ppl {eval_result['perplexity']:.2f})")
     if rank != 0:  # rank 0 holds the same adapter and writes it
         return

@@ -350,9 +350,6 @@ def redraw_subsets(args, manifest, train_split, output_dir: Path) -> None:
     if [r["row_id"] for r in rows] != train_split["row_id"]:
         raise PipelineError(f"--scores-from {source}/train_scores.jsonl does not hold the rows of "
                             f"split '{args.train_split}' of {args.manifest} in order")
-    if len(train_split) < args.subset_k:
-        raise PipelineError(f"--subset-k {args.subset_k} is larger than split "
-                            f"'{args.train_split}' ({len(train_split)} rows)")
     scores = np.array([np.nan if r["score"] is None else r["score"] for r in rows])
     num_tokens = np.array([r["num_tokens"] for r in rows])
     num_supervised = np.array([r["num_supervised_tokens"] for r in rows])
@@ -370,9 +367,7 @@ def redraw_subsets(args, manifest, train_split, output_dir: Path) -> None:
                                                       num_supervised),
                    "provenance": provenance(seed=args.seed, manifest=args.manifest)}
         write_json_atomic(staged / "summary.json", summary)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        publish_dir(staged, output_dir)
+        publish_dir(staged, output_dir)  # replaces an existing output_dir
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
@@ -393,15 +388,15 @@ def main(argv=None) -> None:
     output_dir = Path(args.output_dir)
     prepare_output_dir(output_dir, args.overwrite)
     manifest = load_manifest(args.manifest)
-    if args.scores_from:
-        redraw_subsets(args, manifest, load_split(manifest, args.train_split), output_dir)
-        return
-    adapter_path = check_adapter_dir(args.adapter_path)
     train_split = load_split(manifest, args.train_split)
-    query_split = load_split(manifest, args.query_split)
     if len(train_split) < args.subset_k:
         raise PipelineError(f"--subset-k {args.subset_k} is larger than split "
                             f"'{args.train_split}' ({len(train_split)} rows)")
+    if args.scores_from:
+        redraw_subsets(args, manifest, train_split, output_dir)
+        return
+    adapter_path = check_adapter_dir(args.adapter_path)
+    query_split = load_split(manifest, args.query_split)
     base_model = resolve_base_model(adapter_path)
     tokenizer = load_tokenizer(str(adapter_path))
     context = model_context_length(base_model, tokenizer)
@@ -518,9 +513,7 @@ def main(argv=None) -> None:
                 shutil.rmtree(work / name, ignore_errors=True)
         shutil.rmtree(staged / "work")
         write_json_atomic(staged / "summary.json", summary)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        publish_dir(staged, output_dir)
+        publish_dir(staged, output_dir)  # replaces an existing output_dir
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
