@@ -88,7 +88,15 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     p.add_argument("--eval-batch-size", type=int, default=8, help="rows per eval batch")
     p.add_argument("--log-every", type=int, default=10, help="optimizer steps between loss logs")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="run torch.profiler over this many optimizer steps (after up to 5 "
+                        "warm-up steps): profile.txt in --output-dir lists operators and kernels "
+                        "by device time, train_metrics.json's 'profile' gives wall-clock vs "
+                        "GPU-busy time per step (how launch-bound the loop is); profiled steps "
+                        "run slower, so such a run's tokens/s is no speed figure")
     args = parser.parse_args(argv)
+    if args.profile_steps < 0:
+        p.error("--profile-steps must be 0 or more")
     for name in ("batch_size", "gradient_accumulation", "max_length", "eval_batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -174,6 +182,39 @@ def sum_gradients_over_processes(trainable) -> None:
         offset += n
 
 
+def start_profiler(device):
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    profiler = profile(activities=activities)
+    profiler.__enter__()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return profiler, time.perf_counter()
+
+
+def stop_profiler(profiler, started: float, steps: int, device) -> tuple[dict, str]:
+    """Wall-clock vs summed kernel time per step, and the operator/kernel table."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - started
+    profiler.__exit__(None, None, None)
+    kernels = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 if kernels else None
+    summary = {"steps": steps, "wall_s_per_step": wall / steps,
+               "kernels_per_step": len(kernels) / steps if kernels else None,
+               "gpu_busy_s_per_step": busy / steps if busy is not None else None,
+               "gpu_busy_fraction": busy / wall if busy is not None else None}
+    sort_key = "self_device_time_total" if kernels else "self_cpu_time_total"
+    table = profiler.key_averages().table(sort_by=sort_key, row_limit=30)
+    return summary, table
+
+
 def train(args) -> None:
     import torch
 
@@ -254,9 +295,14 @@ def train(args) -> None:
     pad_id = tokenizer.pad_token_id
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    profile_first = min(5, max(0, total_steps - args.profile_steps))
+    profile_last = min(total_steps, profile_first + args.profile_steps)
+    profiler, profile_summary, profile_table = None, None, None
     started = time.perf_counter()
     progress = tqdm(range(total_steps), desc="train", unit="step", disable=rank != 0)
     for step in progress:
+        if args.profile_steps and step == profile_first:
+            profiler, profile_started = start_profiler(device)
         micro = [next(stream) for _ in range(micro_per_step)]
         step_rows = [[train_rows[i] for i in batch] for _, batch in micro]
         step_supervised = sum(r["num_supervised_tokens"] for rows in step_rows for r in rows)
@@ -288,6 +334,10 @@ def train(args) -> None:
         if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
             recent = loss_curve[-args.log_every:]
             progress.set_postfix(loss=f"{sum(x['loss'] for x in recent) / len(recent):.4f}")
+        if profiler is not None and step + 1 == profile_last:
+            profile_summary, profile_table = stop_profiler(profiler, profile_started,
+                                                           profile_last - profile_first, device)
+            profiler = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - started
@@ -308,6 +358,9 @@ def train(args) -> None:
     staged = staging_dir(output_dir)
     model.save_pretrained(str(staged))
     tokenizer.save_pretrained(str(staged))
+    if profile_table is not None:
+        (staged / "profile.txt").write_text(profile_table + "\n")
+        profile_summary.update(first_step=profile_first + 1, last_step=profile_last)
     metrics = {
         "base_model": args.base_model,
         "resume_adapter": args.resume_adapter,
@@ -331,6 +384,7 @@ def train(args) -> None:
         "total_parameters": n_total,
         "final_train_loss": loss_curve[-1]["loss"],
         "final_eval": eval_result,
+        "profile": profile_summary,
         "loss_curve": loss_curve,
         "config": {k: v for k, v in vars(args).items()},
         "manifest": manifest["_path"],

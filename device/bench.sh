@@ -3,7 +3,7 @@
 # manifest, data and base adapter in place: a small SAE for the sae_analysis row, then bench.py.
 set -euo pipefail
 source device/env.sh
-if [ -d .whl_sae ] && [ "$PY" = python3 ]; then
+if [ -d .whl_sae ] && [ "$PY" = python3 ] && [ ! -d /tmp/site/sae_lens ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl_sae/*.whl
 fi
 t train_sae_small $PY train_sae.py --manifest $RUN/manifest.json --split train_base --model-name $MODEL \

@@ -13,7 +13,7 @@ TRAIN=${TRAIN:-4000} QUERY=${QUERY:-500} EVAL=${EVAL:-500} K=${K:-500}
 SAE_LAYER=${SAE_LAYER:-15} SAE_TOKENS=${SAE_TOKENS:-4000000}
 EXTRA=${EXTRA:-}   # extra flags for every script taking --max-length (the tiny model needs 256)
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-LOG=$OUT/log.txt
+LOG=${LOG:-$OUT/log.txt}
 # t NAME cmd...: run a step, print its wall-clock; the log keeps stdout+stderr of every step
 t() { local name=$1; shift; local s=$(date +%s%N); echo "=== $name: $*" | tee -a $LOG
       "$@" >>$LOG 2>&1 || { echo "STEP FAILED $name"; tail -60 $LOG; exit 1; }

@@ -3,7 +3,7 @@
 # train rows, the ridge predictor of the attribution rank, and top-k vs random by its prediction.
 set -euo pipefail
 source device/env.sh
-if [ -d .whl_sae ] && [ "$PY" = python3 ]; then
+if [ -d .whl_sae ] && [ "$PY" = python3 ] && [ ! -d /tmp/site/sae_lens ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl_sae/*.whl
 fi
 t train_sae $PY train_sae.py --manifest $RUN/manifest.json --split train_base --model-name $MODEL \

@@ -226,3 +226,20 @@ def test_stratified_sample_is_proportional_and_seeded():
     assert [r["i"] for r in picked] == [r["i"] for r in again]
     odd = stratified_sample(pool, 7, np.random.default_rng(1), "x")
     assert Counter(r["category"] for r in odd) == {"a": 4, "b": 2, "c": 1}
+
+
+def test_profile_steps_writes_table_and_summary(m1_run, tiny_model, tmp_path):
+    """--profile-steps profiles the requested steps after the warm-up and records the per-step
+    wall-clock (on the CPU there are no kernels, so the GPU fields are empty)."""
+    out = tmp_path / "profiled"
+    run_script("finetune.py", "train", "--manifest", m1_run / "manifest.json",
+               "--base-model", tiny_model, "--output-dir", out, "--max-steps", 4,
+               "--profile-steps", 2, "--batch-size", 8, "--max-length", 128, "--eval-split", "none")
+    profile = load(out / "train_metrics.json")["profile"]
+    assert (profile["steps"], profile["first_step"], profile["last_step"]) == (2, 3, 4)
+    assert profile["wall_s_per_step"] > 0
+    assert profile["gpu_busy_s_per_step"] is None and profile["kernels_per_step"] is None
+    table = (out / "profile.txt").read_text()
+    assert "aten::" in table and "Self CPU" in table
+    unprofiled = load(m1_run / "base_adapter" / "train_metrics.json")
+    assert unprofiled["profile"] is None
