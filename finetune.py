@@ -16,8 +16,8 @@ Several GPUs, data-parallel (one process per GPU; --batch-size is per process):
 Each optimizer step then takes gradient-accumulation x processes micro-batches from the same
 seeded stream, process r training micro-batches r, r+N, ...; the LoRA gradients are summed over
 processes before clipping. N processes with --gradient-accumulation G make the same steps as one
-process with --gradient-accumulation N*G (the tests check it). The speed-up on GPUs is not
-measured yet (device/multigpu.sh measures it).
+process with --gradient-accumulation N*G (the tests check it). On 2 H200s the training loop ran
+1.87x faster than on one (device/multigpu.sh, AGENTS.md).
 """
 
 from __future__ import annotations
