@@ -331,6 +331,11 @@ def attribution_section(seeds: dict[str, Path], run_dir: Path) -> tuple[dict, di
                 "mean_score_top_k": float(np.mean(top_scores)) if top_scores else None,
                 "mean_score_matched_random_k": float(np.mean([r["score"] for r in random_k]))
                 if random_k else None,
+                "matched_random_rows": len(random_k),
+                # the sum loss favours long rows: the subsets' token counts show the length bias
+                "supervised_tokens_top_k": sum(r.get("num_supervised_tokens", 0) for r in top),
+                "supervised_tokens_matched_random_k": sum(r.get("num_supervised_tokens", 0)
+                                                          for r in random_k),
                 "_rows": rows,
             })
             summary_path = folder / SCORE_SUMMARY_FILE
@@ -592,11 +597,13 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
                   ""]
     rows = [[label, e["n_finite"], e["n_total"], fmt(e["finite_coverage"]), e["k"],
              fmt(e["top_k_cut"], 4), fmt(e["mean_score_top_k"]),
-             fmt(e["mean_score_matched_random_k"])]
+             fmt(e["mean_score_matched_random_k"]), e["matched_random_rows"],
+             f"{e['supervised_tokens_top_k']} / {e['supervised_tokens_matched_random_k']}"]
             for label, e in attribution["per_seed"].items() if "n_total" in e]
     if rows:
         lines += table(["seed", "finite", "rows", "finite coverage", "k", "top-k cut",
-                        "mean score top-k", "mean score random-k"], rows)
+                        "mean score top-k", "mean score random-k", "random rows",
+                        "supervised tokens top / random"], rows)
     if attribution["top_k_jaccard"]:
         lines += ["Top-k overlap between seeds:", ""]
         lines += table(["pair", "shared", "k", "Jaccard"],

@@ -190,6 +190,9 @@ def test_report_end_to_end(fabricated_run):
     seed = attribution["per_seed"]["seed_1"]
     assert seed["n_finite"] == 19 and seed["finite_coverage"] == pytest.approx(19 / 20)
     assert seed["k"] == 4 and seed["top_k_cut"] == 21.0
+    assert seed["matched_random_rows"] == len(RANDOM)
+    assert (seed["supervised_tokens_top_k"], seed["supervised_tokens_matched_random_k"]) == \
+        (10 * len(TOP), 10 * len(RANDOM))
     assert seed["sae_predictor"]["spearman_predicted_vs_attribution_rank"] == pytest.approx(-1.0)
     assert attribution["top_k_jaccard"]["seed_1 vs seed_2"]["jaccard"] == 1.0
 

@@ -204,6 +204,27 @@ def test_choose_subsets_overlap_policy_and_seed():
         choose_subsets(ranking, 5, seed=1, allow_overlap=False)
 
 
+def test_token_matched_random_subset_reaches_top_k_tokens():
+    from score import choose_subsets, rank_rows
+
+    scores = np.array([5.0, np.nan, 3.0, 9.0, 1.0, 7.0, 2.0, 8.0, 4.0, 6.0, 0.5, 0.2])
+    tokens = np.array([10, 99, 3, 10, 2, 8, 5, 12, 4, 6, 7, 8])
+    ranking = rank_rows(scores)
+    top, rand = choose_subsets(ranking, 3, seed=3, allow_overlap=False, supervised_tokens=tokens)
+    assert top == [3, 5, 7]                                    # 30 tokens
+    target = tokens[top].sum()
+    assert not set(top) & set(rand) and 1 not in rand          # outside top-k, finite scores only
+    assert tokens[rand].sum() >= target
+    # the shortest prefix of the seeded order: without its last row it falls short
+    pool = sorted(set(ranking) - set(top))
+    order = [pool[i] for i in np.random.default_rng(3).permutation(len(pool))]
+    assert sorted(order[:len(rand)]) == rand and tokens[order[:len(rand) - 1]].sum() < target
+    assert choose_subsets(ranking, 3, seed=3, allow_overlap=False,
+                          supervised_tokens=tokens) == (top, rand)
+    with pytest.raises(Exception, match="needs 46 supervised tokens.* hold 29 outside"):
+        choose_subsets(ranking, 5, seed=3, allow_overlap=False, supervised_tokens=tokens)
+
+
 def test_continuation_manifest_trains_and_evaluates(scored_run):
     run_dir, runs = scored_run
     manifest = runs["mean"] / "continuation_manifest.json"
@@ -308,6 +329,19 @@ def test_scores_from_redraws_only_the_subsets(scored_run, tmp_path):
     assert summary["provenance"]["seed"] == 7 and summary["n_finite"] == 40
     manifest = json.loads((tmp_path / "seed_7" / "continuation_manifest.json").read_text())
     assert manifest["selection"]["seed"] == 7 and manifest["selection"]["scores_from"]
+    # --random-match tokens: the random subset matches the top-k's supervised tokens
+    run_script("score.py", *common, "--seed", 7, "--random-match", "tokens",
+               "--output-dir", tmp_path / "tokens")
+    by_tokens = json.loads((tmp_path / "tokens" / "summary.json").read_text())
+    top_tokens = by_tokens["top_k"]["supervised_tokens"]
+    assert by_tokens["random_match"] == "tokens" and summary["random_match"] == "rows"
+    assert by_tokens["matched_random_k"]["supervised_tokens"] >= top_tokens
+    token_rows = split_rows(tmp_path / "tokens", "matched_random_k", "continuation_manifest.json")
+    assert len(token_rows["row_id"]) == by_tokens["matched_random_k"]["rows"]
+    selection = json.loads((tmp_path / "tokens" / "continuation_manifest.json").read_text())[
+        "selection"]
+    assert selection["random_match"] == "tokens"
+    assert selection["matched_random_rows"] == by_tokens["matched_random_k"]["rows"]
     # scores of other rows are refused
     result = run_script("score.py", "--manifest", run_dir / "manifest.json", "--scores-from",
                         runs["mean"], "--train-split", "eval", "--subset-k", 4,
