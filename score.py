@@ -345,7 +345,8 @@ def subset_summary(rows: list[int], scores, num_tokens, num_supervised) -> dict:
 def write_selection(args, manifest, train_split, scores, num_tokens, num_supervised, staged: Path,
                     output_dir: Path, method: dict):
     """train_scores.jsonl and continuation_manifest.json (top_k, matched_random_k) into staged;
-    returns (top rows, random rows) as row indices."""
+    returns the subsets' summary fields for summary.json (random_match, top_k,
+    matched_random_k)."""
     ranking = rank_rows(scores)
     rank_of = {row: r + 1 for r, row in enumerate(ranking)}
     top, random_rows = choose_subsets(
@@ -370,7 +371,9 @@ def write_selection(args, manifest, train_split, scores, num_tokens, num_supervi
                              {"top_k": train_split.select(top),
                               "matched_random_k": train_split.select(random_rows)},
                              selection)
-    return top, random_rows
+    return {"random_match": args.random_match,
+            "top_k": subset_summary(top, scores, num_tokens, num_supervised),
+            "matched_random_k": subset_summary(random_rows, scores, num_tokens, num_supervised)}
 
 
 def redraw_subsets(args, manifest, train_split, output_dir: Path) -> None:
@@ -393,22 +396,19 @@ def redraw_subsets(args, manifest, train_split, output_dir: Path) -> None:
     try:
         method = {k: source_summary.get(k) for k in
                   ("score_mode", "preconditioning_mode", "projection_dim")}
-        top, random_rows = write_selection(args, manifest, train_split, scores, num_tokens,
-                                           num_supervised, staged, output_dir,
-                                           {**method, "scores_from": str(source.resolve())})
-        summary = {**source_summary,
-                   "scores_from": str(source.resolve()), "random_match": args.random_match,
-                   "top_k": subset_summary(top, scores, num_tokens, num_supervised),
-                   "matched_random_k": subset_summary(random_rows, scores, num_tokens,
-                                                      num_supervised),
+        subsets = write_selection(args, manifest, train_split, scores, num_tokens,
+                                  num_supervised, staged, output_dir,
+                                  {**method, "scores_from": str(source.resolve())})
+        summary = {**source_summary, "scores_from": str(source.resolve()), **subsets,
                    "provenance": provenance(seed=args.seed, manifest=args.manifest)}
         write_json_atomic(staged / "summary.json", summary)
         publish_dir(staged, output_dir)  # replaces an existing output_dir
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    print(f"drew top-{args.subset_k} and a matched random {len(random_rows)} rows (matched by "
-          f"{args.random_match}, seed {args.seed}) from the scores in {source}; wrote {output_dir}")
+    print(f"drew top-{args.subset_k} and a matched random {subsets['matched_random_k']['rows']} "
+          f"rows (matched by {args.random_match}, seed {args.seed}) from the scores in {source}; "
+          f"wrote {output_dir}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,8 +502,8 @@ def main(argv=None) -> None:
         too_short = int(np.sum(bergson_lengths < 2))
         unsupervised = (num_supervised == 0) if not chat else np.zeros(len(scores), bool)
         scores[unsupervised] = np.nan  # a zero gradient says nothing; finetune ignores the row
-        top, random_rows = write_selection(args, manifest, train_split, scores, num_tokens,
-                                           num_supervised, staged, output_dir,
+        subsets = write_selection(args, manifest, train_split, scores, num_tokens,
+                                  num_supervised, staged, output_dir,
                                            {"score_mode": args.score_mode,
                                             "preconditioning_mode": args.preconditioning_mode,
                                             "projection_dim": args.projection_dim})
@@ -534,9 +534,7 @@ def main(argv=None) -> None:
             "n_query": len(query_split), "query_tokens": query_tokens,
             "train_tokens": scored_tokens,
             "score_stats": score_statistics(scores),
-            "random_match": args.random_match,
-            "top_k": subset_summary(top, scores, num_tokens, num_supervised),
-            "matched_random_k": subset_summary(random_rows, scores, num_tokens, num_supervised),
+            **subsets,
             "stage_seconds": stage_seconds,
             "tokens_per_second": {
                 "query_gradients": query_tokens / stage_seconds["query_gradients"],
