@@ -23,11 +23,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline import (PipelineError, base_model_of_adapter, check_adapter_dir, close_distributed,
+from pipeline import (DEFAULT_BASE_MODEL, PipelineError, check_adapter_dir, close_distributed,
                       gather_to_first, init_distributed, length_sorted_batches, load_manifest,
                       load_model_with_adapter, load_split, load_tokenizer, pad_batch, pick_dtype,
-                      provenance, run_main, shard_indices, token_nll_sums, tokenize_split,
-                      write_json_atomic, write_jsonl_atomic)
+                      provenance, resolve_base_model, run_main, shard_indices, token_nll_sums,
+                      tokenize_split, write_json_atomic, write_jsonl_atomic)
 
 
 def parse_args(argv=None):
@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-split", default="eval", help="split to evaluate (default: eval)")
     p.add_argument("--base-model", default=None,
                    help="hub id or local checkpoint (default: the adapter's recorded base model, "
-                        "else google/gemma-3-1b-it)")
+                        f"else {DEFAULT_BASE_MODEL})")
     p.add_argument("--adapter-path", default=None, help="LoRA adapter folder to compare with base")
     p.add_argument("--skip-base", action="store_true",
                    help="evaluate only the adapter (no base numbers or deltas)")
@@ -94,9 +94,7 @@ def main(argv=None):
     manifest = load_manifest(args.manifest)
     if args.adapter_path:
         check_adapter_dir(args.adapter_path)
-    base_model = (args.base_model
-                  or (base_model_of_adapter(args.adapter_path) if args.adapter_path else None)
-                  or "google/gemma-3-1b-it")
+    base_model = resolve_base_model(args.base_model, args.adapter_path)
     split = load_split(manifest, args.eval_split)
     rank, world, device = init_distributed(args.device)
     dtype = pick_dtype(args.precision, device)

@@ -7,6 +7,7 @@ trains on. Both get them from `tokenize_example` / `tokenize_split` below, nowhe
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -33,6 +34,16 @@ ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 class PipelineError(Exception):
     """A problem with the user's input; scripts print it as one line and exit non-zero."""
+
+
+def add_alias(parser, old_flag: str, dest: str) -> None:
+    """An old spelling of a renamed flag: still accepted, no longer shown in --help."""
+    import argparse
+
+    # the alias parses exactly like the flag it stands for (same type, choices, nargs)
+    canonical = next(a for a in parser._actions if a.dest == dest and a.option_strings)
+    parser.add_argument(old_flag, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                        type=canonical.type, choices=canonical.choices, nargs=canonical.nargs)
 
 
 def run_main(main) -> None:
@@ -120,6 +131,70 @@ def publish_dir(staged: Path, final: str | Path) -> None:
     os.replace(staged, final)
 
 
+# An output folder carries this stamp naming the script that wrote it: --overwrite replaces only a
+# folder the same script wrote, never someone else's run folder or the checkout.
+OUTPUT_STAMP = ".written_by.json"
+
+
+def check_output_dir(path: str | Path, overwrite: bool, script: str, inputs=(),
+                     flag: str = "--output-dir") -> Path:
+    """Refuse, before any work, an output folder that would destroy something: the working
+    directory or a folder above it, a folder holding one of the command's inputs, a file, a
+    non-empty folder without --overwrite, or (with --overwrite) a folder another script (or a
+    person) wrote. Also refuse a place that cannot be written."""
+    path = Path(path)
+    resolved = path.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise PipelineError(f"{flag} {path} is the working directory or a folder above it; "
+                            "name a folder of its own")
+    for item in inputs:
+        if item is None:
+            continue
+        source = Path(item).resolve()
+        if source == resolved or resolved in source.parents:
+            raise PipelineError(f"{flag} {path} holds the input {item}; replacing it would delete "
+                                "that input: name another folder")
+    if path.exists() and not path.is_dir():
+        raise PipelineError(f"{flag} {path} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise PipelineError(f"{flag} {path} exists and is not empty "
+                                "(pass --overwrite to replace it)")
+        writer = output_writer(path)
+        if writer != script:
+            raise PipelineError(f"--overwrite refuses {path}: it was not written by {script} "
+                                f"({'written by ' + writer if writer else 'no ' + OUTPUT_STAMP}); "
+                                "delete it yourself if it should go")
+    parent = next((p for p in [resolved, *resolved.parents] if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PipelineError(f"{flag} {path} cannot be written ({parent} is not a writable "
+                            "folder)")
+    return path
+
+
+def output_writer(path: str | Path) -> str | None:
+    """The script named by a folder's stamp, or None."""
+    try:
+        return json.loads((Path(path) / OUTPUT_STAMP).read_text()).get("script")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def staged_output(final: str | Path, script: str):
+    """Yield a fresh sibling temp folder; on success stamp it and rename it onto final (replacing
+    what was there), on any failure or interrupt remove it, so no half-written output stays."""
+    staged = staging_dir(final)
+    try:
+        yield staged
+        (staged / OUTPUT_STAMP).write_text(json.dumps({"script": script}) + "\n")
+        publish_dir(staged, final)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+
+
 def read_json(path: str | Path, what: str = "file") -> dict:
     path = Path(path)
     if not path.is_file():
@@ -138,6 +213,8 @@ def read_jsonl(path: str | Path, what: str = "file") -> list[dict]:
     rows = []
     with open(path) as f:
         for line_number, line in enumerate(f, 1):
+            if not line.strip():  # a trailing blank line is fine
+                continue
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
@@ -169,10 +246,6 @@ def resolve_split_path(manifest_path: str | Path, entry: dict) -> Path:
     if not split_path.is_absolute():
         split_path = Path(manifest_path).resolve().parent / split_path
     return split_path
-
-
-def split_names(manifest: dict) -> list[str]:
-    return list(manifest["splits"])
 
 
 def load_split(manifest: dict, name: str):
@@ -392,6 +465,20 @@ def base_model_of_adapter(adapter_path: str | Path) -> str | None:
     return config.get("base_model_name_or_path")
 
 
+DEFAULT_BASE_MODEL = "google/gemma-3-1b-it"  # the seed project's model
+
+
+def resolve_base_model(base_model: str | None, adapter_path: str | Path | None = None) -> str:
+    """--base-model, else the base model recorded in the adapter, else the default. A local
+    path that does not exist is reported as such (transformers would call it a bad repo id)."""
+    name = (base_model or (base_model_of_adapter(adapter_path) if adapter_path else None)
+            or DEFAULT_BASE_MODEL)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not Path(name).expanduser().exists():
+        raise PipelineError(f"base model folder {name} does not exist")
+    return name
+
+
 # ---------------------------------------------------------------------------------------------
 # batching
 
@@ -448,7 +535,7 @@ def token_nll_sums(model, input_ids, labels, attention_mask):
                    logits_to_keep=keep).logits
     targets = target_labels[:, keep]
     # (tokens, vocab) rows: with the vocabulary on dim 1 of a 3-d tensor CUDA takes a slow
-    # strided log-softmax kernel (64% of a training step's GPU time in the 2026-11-27 profile)
+    # strided log-softmax kernel (benchmarks/NOTES.md has the profile)
     nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                           ignore_index=IGNORE_INDEX, reduction="none").view_as(targets)
     mask = targets != IGNORE_INDEX
@@ -457,21 +544,6 @@ def token_nll_sums(model, input_ids, labels, attention_mask):
 
 # ---------------------------------------------------------------------------------------------
 # selections: continuation manifests (score.py, the SAE predictor, rank-window ablations)
-
-
-def matched_random_indices(n_pool: int, k: int, seed: int, exclude=(), allow_overlap=False):
-    """k pool indices drawn uniformly with numpy default_rng(seed), sorted. Without allow_overlap
-    the excluded indices (the top-k) are never drawn."""
-    import numpy as np
-
-    candidates = np.arange(n_pool) if allow_overlap else np.setdiff1d(
-        np.arange(n_pool), np.asarray(sorted(exclude), dtype=np.int64))
-    if k > len(candidates):
-        raise PipelineError(f"a random subset of {k} rows needs {k} candidates, the pool has "
-                            f"{len(candidates)}" + ("" if allow_overlap else
-                                                    " outside the top-k (--allow-overlap lifts this)"))
-    rng = np.random.default_rng(seed)
-    return sorted(rng.choice(candidates, size=k, replace=False).tolist())
 
 
 def write_selection_manifest(parent: dict, output_path: str | Path, subsets: dict, selection: dict,

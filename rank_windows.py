@@ -2,7 +2,7 @@
 a manifest whose splits are the top N rows, rows in a rank window, and random rows drawn from
 beyond a rank, so one can ask whether the very top rows carry the effect or any high-ranked rows do.
 
-    uv run rank_windows.py --scores-dir runs/smoltalk_v1/attribution \
+    uv run rank_windows.py --scores-from runs/smoltalk_v1/attribution \
         --output runs/smoltalk_v1/ablations/manifest.json \
         --top 300 --window 301 501 --random-from 200 501
 
@@ -16,15 +16,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline import (PipelineError, load_manifest, load_split, matched_random_indices, read_json,
-                      read_jsonl, run_main, write_selection_manifest)
+from pipeline import (PipelineError, add_alias, load_manifest, load_split, read_json, read_jsonl,
+                      run_main, write_selection_manifest)
+from subsets import random_rows
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scores-dir", required=True,
+    p.add_argument("--scores-from", required=True,
                    help="score.py --output-dir (train_scores.jsonl and summary.json)")
+    add_alias(p, "--scores-dir", "scores_from")
     p.add_argument("--output", required=True, help="path of the manifest to write")
     p.add_argument("--top", type=int, action="append", default=[], metavar="N",
                    help="a split of the N best-ranked rows (repeatable)")
@@ -38,15 +40,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def read_ranking(scores_dir: Path) -> tuple[list[str], dict]:
+def read_ranking(scores_from: Path) -> tuple[list[str], dict]:
     """row_ids in rank order (rank 1 first) and score.py's summary."""
-    path = scores_dir / "train_scores.jsonl"
+    path = scores_from / "train_scores.jsonl"
     ranked = [(row["rank"], row["row_id"]) for row in read_jsonl(path, "score.py output")
               if row.get("rank") is not None]
     ranked.sort()
     if [r for r, _ in ranked] != list(range(1, len(ranked) + 1)):
         raise PipelineError(f"{path}: ranks are not 1..{len(ranked)}")
-    return [row_id for _, row_id in ranked], read_json(scores_dir / "summary.json", "summary")
+    return [row_id for _, row_id in ranked], read_json(scores_from / "summary.json", "summary")
 
 
 def plan_splits(args, n_ranked: int, label: str) -> dict[str, list[int]]:
@@ -64,7 +66,7 @@ def plan_splits(args, n_ranked: int, label: str) -> dict[str, list[int]]:
         if not 1 <= c <= n_ranked or m > n_ranked - c + 1 or m < 1:
             raise PipelineError(f"--random-from {m} {c}: ranks {c}..{n_ranked} hold "
                                 f"{max(0, n_ranked - c + 1)} rows")
-        drawn = matched_random_indices(n_ranked - c + 1, m, args.seed + i)
+        drawn = random_rows(n_ranked - c + 1, m, args.seed + i)
         splits[f"rand{m}_from_rank{c}plus"] = [c - 1 + j for j in drawn]
     if not splits:
         raise PipelineError("nothing to write: give --top, --window or --random-from")
@@ -76,7 +78,7 @@ def main(argv=None) -> None:
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         raise PipelineError(f"{output} exists (pass --overwrite to replace it)")
-    ranking, summary = read_ranking(Path(args.scores_dir))
+    ranking, summary = read_ranking(Path(args.scores_from))
     manifest = load_manifest(summary["manifest"])
     pool = load_split(manifest, summary["train_split"])
     row_index = {row_id: i for i, row_id in enumerate(pool["row_id"])}
@@ -88,7 +90,7 @@ def main(argv=None) -> None:
     splits = plan_splits(args, len(ranking), label)
     subsets = {name: pool.select(sorted(row_index[ranking[p]] for p in positions))
                for name, positions in splits.items()}
-    selection = {"method": "rank_windows", "scores_dir": str(Path(args.scores_dir).resolve()),
+    selection = {"method": "rank_windows", "scores_from": str(Path(args.scores_from).resolve()),
                  "source_split": summary["train_split"], "seed": args.seed,
                  "rank_positions": {name: [p + 1 for p in positions]
                                     for name, positions in splits.items()}}

@@ -10,10 +10,10 @@ TransformerLens calls blocks.L.hook_resid_post; a forward hook on the transforme
 output here, the forward pass stops right after it) is encoded by a sae-lens SAE. Per row the SAE
 feature activations are averaged over the pooled tokens:
 
-  --pool completion (default)  the supervised tokens: the completion and its end-of-turn marker,
-                               exactly the positions whose labels attribution's loss scores
-  --pool all                   every token but the first (the template's first token, <bos> for
-                               Gemma, is an attention sink with an outsized residual norm)
+  --positions completion (default)  the supervised tokens: the completion and its end-of-turn
+                                    marker, exactly the positions attribution's loss scores
+  --positions all                   every token but the first (the template's first token,
+                                    <bos> for Gemma, is an attention sink with an outsized norm)
 
 Pooling happens on the device batch by batch; only [batch x d_sae] means reach the CPU. Output:
 <output-dir>/<sae name>.npz with row_id, feature_activation_mean [n, d_sae] float32, one array per
@@ -36,13 +36,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline import (IGNORE_INDEX, PipelineError, base_model_of_adapter, check_adapter_dir,
-                      close_distributed, gather_to_first, init_distributed, length_sorted_batches,
-                      load_manifest, load_model_with_adapter, load_split, load_tokenizer,
-                      pad_batch, pick_dtype, provenance, run_main, shard_indices, tokenize_split,
-                      write_json_atomic)
+from pipeline import (DEFAULT_BASE_MODEL, IGNORE_INDEX, PipelineError, add_alias,
+                      check_adapter_dir, close_distributed, gather_to_first, init_distributed,
+                      length_sorted_batches, load_manifest, load_model_with_adapter, load_split,
+                      load_tokenizer, pad_batch, pick_dtype, provenance, resolve_base_model,
+                      run_main, shard_indices, tokenize_split, write_json_atomic)
 
-DEFAULT_MODEL = "google/gemma-3-1b-it"
 DEFAULT_SAE_RELEASE = "gemma-scope-2-1b-it-res"
 DEFAULT_SAE_ID = "layer_17_width_16k_l0_small"
 RESID_POST_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
@@ -62,8 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace an existing NPZ")
     p.add_argument("--max-examples", type=int, default=None,
                    help="encode only the split's first N rows (smoke runs; default: all)")
-    p.add_argument("--max-tokens", type=int, default=2048,
+    p.add_argument("--max-length", type=int, default=2048,
                    help="tokens per row, truncated on the right as in finetune.py (default: 2048)")
+    add_alias(p, "--max-tokens", "max_length")
     p.add_argument("--sae-release", default=DEFAULT_SAE_RELEASE,
                    help="sae-lens pretrained release (default: %(default)s)")
     p.add_argument("--sae-id", default=None,
@@ -79,13 +79,15 @@ def parse_args(argv=None):
     p.add_argument("--layer", type=int, default=None,
                    help="decoder layer L whose output (blocks.L.hook_resid_post) the SAE reads "
                         "(default: from the SAE's recorded hook name; required if it has none)")
-    p.add_argument("--model-name", default=None,
+    p.add_argument("--base-model", default=None,
                    help=f"hub id or local checkpoint (default: the adapter's base model, else "
-                        f"{DEFAULT_MODEL})")
+                        f"{DEFAULT_BASE_MODEL})")
+    add_alias(p, "--model-name", "base_model")
     p.add_argument("--adapter-path", default=None, help="LoRA adapter to apply to the model")
-    p.add_argument("--pool", choices=["completion", "all"], default="completion",
+    p.add_argument("--positions", choices=["completion", "all"], default="completion",
                    help="tokens averaged per row: completion = the supervised tokens attribution's "
                         "loss sees; all = every token but the first (default: completion)")
+    add_alias(p, "--pool", "positions")
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default: 8)")
     p.add_argument("--max-batch-tokens", type=int, default=None,
                    help="also cap a batch at this many padded tokens (default: no cap)")
@@ -97,7 +99,7 @@ def parse_args(argv=None):
                         "fp32 (default: auto)")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (default: auto)")
     args = p.parse_args(argv)
-    for name in ("batch_size", "max_tokens", "sae_chunk_tokens"):
+    for name in ("batch_size", "max_length", "sae_chunk_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_examples is not None and args.max_examples < 1:
@@ -156,7 +158,7 @@ def residual_after_layer(model, layer_module, input_ids, attention_mask):
 
 
 def pooled_mask(labels, attention_mask, pool: str):
-    """Which positions a row's mean runs over (see --pool)."""
+    """Which positions a row's mean runs over (see --positions)."""
     if pool == "completion":
         return labels != IGNORE_INDEX
     mask = attention_mask.bool().clone()
@@ -287,45 +289,62 @@ def main(argv=None):
 
 
 def encode_split(args):
-    import numpy as np
-    import torch
-
+    """The split's rows -> per-row SAE feature means and statistics -> the NPZ and summary.json
+    (written by process 0)."""
     manifest = load_manifest(args.manifest)
     if args.adapter_path:
         check_adapter_dir(args.adapter_path)
     if args.sae_path and not Path(args.sae_path).is_dir():
         raise PipelineError(f"--sae-path {args.sae_path} does not exist")
-    model_name = (args.model_name
-                  or (base_model_of_adapter(args.adapter_path) if args.adapter_path else None)
-                  or DEFAULT_MODEL)
+    model_name = resolve_base_model(args.base_model, args.adapter_path)
     sae_name = args.sae_id or (Path(args.sae_path).name if args.sae_path else DEFAULT_SAE_ID)
-    output_dir = Path(args.output_dir)
-    npz_path = output_dir / (sae_name.strip("/").replace("/", "__") + ".npz")
+    npz_path = Path(args.output_dir) / (sae_name.strip("/").replace("/", "__") + ".npz")
     if npz_path.exists() and not args.overwrite:
         raise PipelineError(f"{npz_path} already exists (pass --overwrite to replace it)")
 
-    split = load_split(manifest, args.split)
-    if args.max_examples is not None:
-        split = split.select(range(min(args.max_examples, len(split))))
     rank, world, device = init_distributed(args.device)
-    dtype = pick_dtype(args.precision, device)
     tokenizer = load_tokenizer(args.adapter_path or model_name)
-    rows = tokenize_split(split, tokenizer, args.max_tokens, desc=f"tokenize {args.split}")
-    rows = rows.select_columns(["row_id", "input_ids", "labels", "num_tokens",
-                                "num_supervised_tokens", "truncated"]).to_list()
-    if len({r["row_id"] for r in rows}) != len(rows):
-        raise PipelineError(f"split '{args.split}' of {args.manifest} has duplicate row_ids")
-
+    rows = tokenized_rows(args, manifest, tokenizer)
     sae, sae_source = load_sae(args, device)
     sae.eval()
     layer = resolve_layer(sae, args.layer, sae_name)
     if args.export_sae and rank == 0:
         sae.save_model(args.export_sae)
         print(f"saved the SAE in sae-lens format to {args.export_sae}")
-    model = load_model_with_adapter(model_name, args.adapter_path, dtype, device)
+    model = load_model_with_adapter(model_name, args.adapter_path,
+                                    pick_dtype(args.precision, device), device)
     model.eval()
     check_layer(model, layer, sae.cfg.d_in, f"SAE {sae_name}")
     layer_module = decoder_layers(model)[layer]
+
+    started = time.perf_counter()
+    encoded = encode_rows(args, rows, model, layer_module, sae, tokenizer, device, rank, world)
+    if encoded is None:  # not process 0: its rows went to process 0
+        return
+    seconds = time.perf_counter() - started
+    write_features(args, manifest, rows, encoded, npz_path, seconds,
+                   {"model_name": model_name, "sae": sae, "sae_source": sae_source,
+                    "layer": layer, "layer_module": layer_module, "device": device,
+                    "dtype": next(model.parameters()).dtype, "world": world})
+
+
+def tokenized_rows(args, manifest, tokenizer) -> list[dict]:
+    split = load_split(manifest, args.split)
+    if args.max_examples is not None:
+        split = split.select(range(min(args.max_examples, len(split))))
+    rows = tokenize_split(split, tokenizer, args.max_length, desc=f"tokenize {args.split}")
+    rows = rows.select_columns(["row_id", "input_ids", "labels", "num_tokens",
+                                "num_supervised_tokens", "truncated"]).to_list()
+    if len({r["row_id"] for r in rows}) != len(rows):
+        raise PipelineError(f"split '{args.split}' of {args.manifest} has duplicate row_ids")
+    return rows
+
+
+def encode_rows(args, rows, model, layer_module, sae, tokenizer, device, rank: int, world: int):
+    """(means [n, d_sae], stats {name: [n]}, fire_count [d_sae], tokens forwarded) over every
+    row, this process's share of the rows encoded here; None on processes other than 0."""
+    import numpy as np
+    import torch
 
     n, d_sae = len(rows), sae.cfg.d_sae
     means = np.zeros((n, d_sae), dtype=np.float32)
@@ -338,13 +357,12 @@ def encode_split(args):
                length_sorted_batches([lengths[i] for i in mine], args.batch_size,
                                      args.max_batch_tokens)]
     tokens_forwarded = 0
-    started = time.perf_counter()
     with torch.no_grad():
         for batch in tqdm(batches, desc=f"encode {args.split}", unit="batch", disable=rank != 0):
             input_ids, labels, attention_mask = pad_batch([rows[i] for i in batch],
                                                           tokenizer.pad_token_id, device)
             resid = residual_after_layer(model, layer_module, input_ids, attention_mask)
-            mask = pooled_mask(labels, attention_mask, args.pool)
+            mask = pooled_mask(labels, attention_mask, args.positions)
             batch_means, batch_stats = pool_batch(sae, resid, mask, args.sae_chunk_tokens,
                                                   fire_count)
             means[batch] = batch_means.numpy()
@@ -353,26 +371,34 @@ def encode_split(args):
             tokens_forwarded += int(attention_mask.sum().item())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    if world > 1:  # process 0 collects every process's rows into the full arrays
-        parts = gather_to_first((mine, means[mine], {k: v[mine] for k, v in stats.items()},
-                                 fire_count.cpu(), tokens_forwarded), rank, world)
-        if rank != 0:
-            return
-        fire_count = torch.zeros_like(fire_count)
-        tokens_forwarded = 0
-        for indices, part_means, part_stats, part_fire_count, part_tokens in parts:
-            means[indices] = part_means
-            for name, values in part_stats.items():
-                stats[name][indices] = values
-            fire_count += part_fire_count.to(device)
-            tokens_forwarded += part_tokens
-    seconds = time.perf_counter() - started
+    if world == 1:
+        return means, stats, fire_count.cpu().numpy(), tokens_forwarded
+    # process 0 collects every process's rows into the full arrays
+    parts = gather_to_first((mine, means[mine], {k: v[mine] for k, v in stats.items()},
+                             fire_count.cpu(), tokens_forwarded), rank, world)
+    if rank != 0:
+        return None
+    fire_count = torch.zeros_like(fire_count.cpu())
+    tokens_forwarded = 0
+    for indices, part_means, part_stats, part_fire_count, part_tokens in parts:
+        means[indices] = part_means
+        for name, values in part_stats.items():
+            stats[name][indices] = values
+        fire_count += part_fire_count
+        tokens_forwarded += part_tokens
+    return means, stats, fire_count.numpy(), tokens_forwarded
 
+
+def write_features(args, manifest, rows, encoded, npz_path: Path, seconds: float, run: dict):
+    import numpy as np
+    import torch
+
+    means, stats, fire_count, tokens_forwarded = encoded
+    sae, layer, device = run["sae"], run["layer"], run["device"]
     total_pooled = int(stats["n_tokens_pooled"].sum())
     if total_pooled == 0:
-        raise PipelineError(f"no {args.pool} tokens in split '{args.split}' at --max-tokens "
-                            f"{args.max_tokens}: nothing to pool")
-    fire_count = fire_count.cpu().numpy()
+        raise PipelineError(f"no {args.positions} tokens in split '{args.split}' at --max-length "
+                            f"{args.max_length}: nothing to pool")
     arrays = {
         "row_id": np.array([r["row_id"] for r in rows], dtype=str),
         "feature_activation_mean": means,
@@ -384,28 +410,27 @@ def encode_split(args):
         "provenance_json": np.array(json.dumps(provenance(manifest=args.manifest))),
     }
     save_npz_atomic(npz_path, arrays)
-    empty = int((stats["n_tokens_pooled"] == 0).sum())
     summary = {
         "npz": npz_path.name,
         "manifest": manifest["_path"],
         "split": args.split,
-        "model_name": model_name,
+        "model_name": run["model_name"],
         "adapter_path": str(Path(args.adapter_path).resolve()) if args.adapter_path else None,
-        **sae_source,
+        **run["sae_source"],
         "sae_architecture": sae.cfg.architecture(),
         "sae_model_name": sae.cfg.metadata.model_name,
         "hook_name": resid_post_hook_name(layer),
-        "hf_module": f"decoder layer {layer} output ({type(layer_module).__name__})",
+        "hf_module": f"decoder layer {layer} output ({type(run['layer_module']).__name__})",
         "layer": layer,
         "d_in": sae.cfg.d_in,
-        "d_sae": d_sae,
-        "pooling": args.pool,
+        "d_sae": sae.cfg.d_sae,
+        "pooling": args.positions,
         "pooling_note": ("completion: positions whose label is supervised (the completion and "
                          "its end-of-turn marker); all: every non-pad position but the first"),
-        "max_tokens": args.max_tokens,
-        "n_examples": n,
+        "max_tokens": args.max_length,
+        "n_examples": len(rows),
         "n_examples_truncated": int(arrays["truncated"].sum()),
-        "n_examples_without_pooled_tokens": empty,
+        "n_examples_without_pooled_tokens": int((stats["n_tokens_pooled"] == 0).sum()),
         "total_tokens": total_pooled,
         "total_tokens_forwarded": tokens_forwarded,
         "mean_l0": float((stats["mean_l0"] * stats["n_tokens_pooled"]).sum() / total_pooled),
@@ -414,14 +439,15 @@ def encode_split(args):
         "wall_clock_s": seconds,
         "tokens_per_s": tokens_forwarded / seconds,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "model_dtype": str(dtype).replace("torch.", ""),
+        "model_dtype": str(run["dtype"]).replace("torch.", ""),
         "batch_size": args.batch_size,
-        "processes": world,
+        "processes": run["world"],
         "provenance": provenance(manifest=args.manifest),
     }
-    write_json_atomic(output_dir / "summary.json", summary)
-    print(f"wrote {npz_path} ({n} rows x {d_sae} features, {total_pooled} pooled tokens, "
-          f"{summary['dead_features']} dead features, {tokens_forwarded / seconds:.0f} tokens/s)")
+    write_json_atomic(npz_path.parent / "summary.json", summary)
+    print(f"wrote {npz_path} ({len(rows)} rows x {sae.cfg.d_sae} features, {total_pooled} pooled "
+          f"tokens, {summary['dead_features']} dead features, "
+          f"{tokens_forwarded / seconds:.0f} tokens/s)")
 
 
 if __name__ == "__main__":

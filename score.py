@@ -36,10 +36,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline import (PipelineError, base_model_of_adapter, check_adapter_dir,
-                      load_manifest, load_split, load_tokenizer, matched_random_indices,
-                      provenance, prompt_messages, publish_dir, read_json, read_jsonl,
-                      staging_dir, tokenize_split, write_json_atomic, write_jsonl_atomic,
-                      write_selection_manifest)
+                      load_manifest, load_split, load_tokenizer, provenance, prompt_messages,
+                      publish_dir, read_json, read_jsonl, staging_dir, tokenize_split,
+                      write_json_atomic, write_jsonl_atomic, write_selection_manifest)
+from subsets import RANDOM_MATCHES, choose_subsets, rank_rows
 
 
 def parse_args(argv=None):
@@ -79,11 +79,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42, help="seed of the matched random subset")
     p.add_argument("--allow-overlap", action="store_true",
                    help="let the random subset include top-k rows (default: it may not)")
-    p.add_argument("--random-match", choices=["rows", "tokens"], default="rows",
-                   help="what matched_random_k matches: rows = k rows (the seed's design); "
-                        "tokens = the top-k's supervised token count (the shortest run of rows, "
-                        "in a seeded random order, whose supervised tokens reach it), which takes "
-                        "the top-k's length bias out of the comparison")
+    p.add_argument("--random-match", choices=RANDOM_MATCHES, default="rows",
+                   help="what matched_random_k matches: rows = k uniform rows (the seed's "
+                        "design); tokens = the top-k's supervised token count (the shortest run "
+                        "of rows, in a seeded random order, whose supervised tokens reach it); "
+                        "stratified = k rows with the top-k's count per length quintile of "
+                        "supervised tokens. tokens and stratified take the top-k's length bias "
+                        "out of the comparison (subsets.py)")
     p.add_argument("--max-length", type=int, default=2048,
                    help="truncate rows on the right to this many tokens, as finetune.py does")
     p.add_argument("--token-batch-size", type=int, default=None,
@@ -270,55 +272,6 @@ def read_scores(score_path: Path, n_rows: int):
 # ranking and subsets
 
 
-def rank_rows(scores) -> list[int]:
-    """Row indices with finite scores, best first; ties go to the lower row index."""
-    import numpy as np
-
-    finite = np.flatnonzero(np.isfinite(scores))
-    order = np.lexsort((finite, -scores[finite]))
-    return finite[order].tolist()
-
-
-def choose_subsets(ranking: list[int], k: int, seed: int, allow_overlap: bool,
-                   supervised_tokens=None):
-    """top-k rows, and random rows among the finitely scored ones (outside the top-k unless
-    overlap is allowed): the same candidate pool, so the comparison is only about the ranking.
-    The random subset has k rows, or, given each row's supervised token count, as many supervised
-    tokens as the top-k: the shortest prefix of a seeded permutation of the candidates whose
-    tokens reach the top-k's."""
-    if k > len(ranking):
-        raise PipelineError(f"--subset-k {k} is larger than the {len(ranking)} rows with a "
-                            f"finite score")
-    top = sorted(ranking[:k])
-    candidates = sorted(ranking)
-    if supervised_tokens is not None:
-        return top, token_matched_random_rows(candidates, top, supervised_tokens, seed,
-                                              allow_overlap)
-    position = {row: i for i, row in enumerate(candidates)}
-    drawn = matched_random_indices(len(candidates), k, seed,
-                                   exclude=[position[r] for r in top],
-                                   allow_overlap=allow_overlap)
-    return top, [candidates[i] for i in drawn]
-
-
-def token_matched_random_rows(candidates: list[int], top: list[int], supervised_tokens, seed: int,
-                              allow_overlap: bool) -> list[int]:
-    import numpy as np
-
-    target = int(sum(supervised_tokens[r] for r in top))
-    pool = candidates if allow_overlap else sorted(set(candidates) - set(top))
-    order = np.random.default_rng(seed).permutation(len(pool))
-    reached = np.cumsum([supervised_tokens[pool[i]] for i in order])
-    if len(reached) == 0 or reached[-1] < target:
-        have = int(reached[-1]) if len(reached) else 0
-        raise PipelineError(f"--random-match tokens needs {target} supervised tokens (the "
-                            f"top-k's), the candidate rows hold {have}"
-                            + ("" if allow_overlap else " outside the top-k (--allow-overlap "
-                                                        "lifts this)"))
-    n = int(np.searchsorted(reached, target)) + 1  # first prefix with reached >= target
-    return sorted(pool[i] for i in order[:n])
-
-
 def score_statistics(scores) -> dict:
     import numpy as np
 
@@ -349,9 +302,9 @@ def write_selection(args, manifest, train_split, scores, num_tokens, num_supervi
     matched_random_k)."""
     ranking = rank_rows(scores)
     rank_of = {row: r + 1 for r, row in enumerate(ranking)}
-    top, random_rows = choose_subsets(
-        ranking, args.subset_k, args.seed, args.allow_overlap,
-        supervised_tokens=num_supervised if args.random_match == "tokens" else None)
+    top, random_rows = choose_subsets(ranking, args.subset_k, args.seed, args.allow_overlap,
+                                      random_match=args.random_match,
+                                      supervised_tokens=num_supervised)
     row_ids = train_split["row_id"]
     top_set, random_set = set(top), set(random_rows)
     write_jsonl_atomic(staged / "train_scores.jsonl", (

@@ -2,7 +2,7 @@
 attribution rank? And the selection it would make.
 
   train_bidir_classifier.py --manifest runs/smoltalk_v1/manifest.json \
-      --score-run-path runs/smoltalk_v1/attribution --sae-dir runs/smoltalk_v1/sae_features \
+      --scores-from runs/smoltalk_v1/scores --sae-dir runs/smoltalk_v1/sae_features \
       --output-root runs/smoltalk_v1/sae_predictor [--write-selection 500]
 
 Inputs: <score run>/train_scores.jsonl (score.py: row_id, score, rank; rows with a non-finite
@@ -51,17 +51,20 @@ top_k unless --allow-overlap), carrying eval and attr_query, for
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 from tqdm import tqdm
 
-from pipeline import (PipelineError, load_manifest, load_split, matched_random_indices,
-                      provenance, publish_dir, read_json, run_main, staging_dir,
+from pipeline import (PipelineError, add_alias, check_output_dir, load_manifest, load_split,
+                      provenance, read_json, read_jsonl, run_main, staged_output,
                       write_json_atomic, write_jsonl_atomic, write_selection_manifest)
+from subsets import RANDOM_MATCHES, choose_subsets, rank_rows
+
+SCRIPT = "train_bidir_classifier.py"
 
 ORDERED_LEVELS = {
     "difficulty": ["very easy", "easy", "medium", "hard", "very hard"],
@@ -86,8 +89,9 @@ def parse_args(argv=None):
                         "(default: %(default)s)")
     p.add_argument("--split", default="score_pool",
                    help="split the scores and features describe (default: score_pool)")
-    p.add_argument("--score-run-path", default="runs/smoltalk_v1/attribution",
+    p.add_argument("--scores-from", default="runs/smoltalk_v1/scores",
                    help="score.py output folder with train_scores.jsonl (default: %(default)s)")
+    add_alias(p, "--score-run-path", "scores_from")
     p.add_argument("--sae-dir", default="runs/smoltalk_v1/sae_features",
                    help="sae_analysis.py output folder; its one .npz is used "
                         "(default: %(default)s)")
@@ -119,6 +123,10 @@ def parse_args(argv=None):
                         "K rows (default: off)")
     p.add_argument("--allow-overlap", action="store_true",
                    help="let matched_random_k draw rows that are also in top_k")
+    p.add_argument("--random-match", choices=RANDOM_MATCHES, default="rows",
+                   help="what matched_random_k matches (as in score.py): rows = K rows, tokens = "
+                        "the top_k's supervised tokens, stratified = its count per length "
+                        "quintile (default: rows)")
     args = p.parse_args(argv)
     if not 0 < args.test_fraction < 1:
         p.error("--test-fraction must be between 0 and 1")
@@ -140,35 +148,31 @@ def parse_args(argv=None):
 
 
 def load_scores(score_run: Path):
-    """row ids, scores (NaN where missing or non-finite) and ranks (NaN where null) of
-    train_scores.jsonl, plus score.py's summary.json when there is one."""
+    """row ids, scores (NaN where missing or non-finite), ranks (NaN where null) and supervised
+    tokens of train_scores.jsonl, plus score.py's summary.json when there is one."""
     import numpy as np
 
     path = score_run / "train_scores.jsonl"
     if not path.is_file():
         raise PipelineError(f"score file {path} does not exist (run score.py first)")
-    row_ids, scores, ranks = [], [], []
-    with open(path) as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                row_ids.append(str(row["row_id"]))
-                score = row.get("score")
-                scores.append(float(score) if score is not None else math.nan)
-                rank = row.get("rank")
-                ranks.append(float(rank) if rank is not None else math.nan)
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                raise PipelineError(f"{path}: line {line_number} is not a score row "
-                                    f"({type(err).__name__}: {err})")
+    row_ids, scores, ranks, supervised = [], [], [], []
+    for line_number, row in enumerate(read_jsonl(path, "score file"), start=1):
+        try:
+            row_ids.append(str(row["row_id"]))
+            score, rank = row.get("score"), row.get("rank")
+            scores.append(float(score) if score is not None else math.nan)
+            ranks.append(float(rank) if rank is not None else math.nan)
+            supervised.append(int(row.get("num_supervised_tokens") or 0))
+        except (KeyError, TypeError, ValueError) as err:
+            raise PipelineError(f"{path}: row {line_number} is not a score row "
+                                f"({type(err).__name__}: {err})")
     if not row_ids:
         raise PipelineError(f"score file {path} is empty")
     if len(set(row_ids)) != len(row_ids):
         raise PipelineError(f"score file {path} lists a row_id more than once")
     summary_path = score_run / "summary.json"
     summary = read_json(summary_path, "score summary") if summary_path.is_file() else None
-    return path, row_ids, np.array(scores), np.array(ranks), summary
+    return (path, row_ids, np.array(scores), np.array(ranks), np.array(supervised), summary)
 
 
 def find_npz(args) -> Path:
@@ -460,17 +464,13 @@ def fmt(value):
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
+def load_inputs(args, manifest):
+    """Scores and features of the same rows, in the feature file's row order, with the split's
+    metadata: everything the fits need, as one namespace."""
     import numpy as np
 
-    args = parse_args(argv)
-    started = time.perf_counter()
-    manifest = load_manifest(args.manifest)
-    output_root = Path(args.output_root)
-    if output_root.exists() and not args.overwrite:
-        raise PipelineError(f"output folder {output_root} already exists "
-                            "(pass --overwrite to replace it)")
-    score_path, score_ids, scores, ranks, score_summary = load_scores(Path(args.score_run_path))
+    (score_path, score_ids, scores, ranks, supervised,
+     score_summary) = load_scores(Path(args.scores_from))
     npz_path = find_npz(args)
     feature_ids, means, stats = load_features(npz_path)
     check_same_rows(score_ids, score_path, feature_ids, npz_path)
@@ -480,11 +480,9 @@ def main(argv=None):
     if missing:
         raise PipelineError(f"{len(missing)} row ids of {npz_path} (e.g. {missing[0]!r}) are not "
                             f"in split '{args.split}' of {args.manifest}")
-
-    # everything below is in the feature file's row order
     position = {row_id: i for i, row_id in enumerate(score_ids)}
     order = np.array([position[r] for r in feature_ids])
-    scores, ranks = scores[order], ranks[order]
+    scores, ranks, supervised = scores[order], ranks[order], supervised[order]
     meta_rows = split.select([split_index[r] for r in feature_ids])
     groups_all = np.array([str(g) for g in meta_rows["group_id"]]
                           if "group_id" in meta_rows.column_names else feature_ids)
@@ -500,96 +498,93 @@ def main(argv=None):
         raise PipelineError(f"only {n_incl} rows of {score_path} have a finite score; the "
                             "predictor needs at least 10")
     X_all, stat_names, live = design_matrix(means, stats, not args.no_log1p)
-    X, groups, reward = X_all[included], groups_all[included], reward_all[included]
+    reward = reward_all[included]
     goodness = rank_percentile(ranks[included])
-    target = goodness if args.target_type == "rank" else scores[included]
-    attribution_rank = np.argsort(np.argsort(-goodness, kind="stable"), kind="stable") + 1
-    top_k = min(args.top_k, n_incl - 1)
-    n_stats = len(stat_names)
-    blocks = {"sae": slice(None), "sample_stats_only": slice(0, n_stats)}
-    reward_X = np.where(np.isfinite(reward), reward, np.nanmean(reward) if np.isfinite(
-        reward).any() else 0.0)[:, None]
+    return SimpleNamespace(
+        score_path=score_path, score_summary=score_summary, npz_path=npz_path,
+        feature_ids=feature_ids, n_features=int(means.shape[1]), scores=scores, ranks=ranks,
+        supervised=supervised, split=split, split_index=split_index, meta_rows=meta_rows,
+        groups_all=groups_all, included=included, n_incl=n_incl, X_all=X_all,
+        stat_names=stat_names, live=live, X=X_all[included], groups=groups_all[included],
+        reward=reward, goodness=goodness,
+        target=goodness if args.target_type == "rank" else scores[included],
+        attribution_rank=np.argsort(np.argsort(-goodness, kind="stable"), kind="stable") + 1,
+        top_k=min(args.top_k, n_incl - 1),
+        reward_X=np.where(np.isfinite(reward), reward, np.nanmean(reward) if np.isfinite(
+            reward).any() else 0.0)[:, None])
 
-    from sklearn.model_selection import GroupKFold, GroupShuffleSplit, KFold, ShuffleSplit
+
+def fit_heldout(args, d):
+    """One held-out split: the SAE predictor and the two baselines, fitted on the same rows."""
+    import numpy as np
+    from sklearn.model_selection import GroupShuffleSplit, ShuffleSplit
 
     grouped = args.split_mode == "grouped"
-    n_groups = len(np.unique(groups))
-    if grouped and n_groups < max(args.cv_folds, 2):
-        raise PipelineError(f"{n_groups} groups among the scored rows: too few for "
-                            f"--cv-folds {args.cv_folds} with --split-mode grouped")
     splitter = (GroupShuffleSplit if grouped else ShuffleSplit)(
         n_splits=1, test_size=args.test_fraction, random_state=args.seed)
-    train_idx, test_idx = next(splitter.split(X, target, groups))
-
-    # held-out: the SAE predictor and the two baselines, fitted on the same training rows
+    train_idx, test_idx = next(splitter.split(d.X, d.target, d.groups))
     heldout = {"n_train": len(train_idx), "n_test": len(test_idx),
-               "n_train_groups": len(np.unique(groups[train_idx])),
-               "n_test_groups": len(np.unique(groups[test_idx])),
-               "groups_in_both": len(set(groups[train_idx]) & set(groups[test_idx]))}
+               "n_train_groups": len(np.unique(d.groups[train_idx])),
+               "n_test_groups": len(np.unique(d.groups[test_idx])),
+               "groups_in_both": len(set(d.groups[train_idx]) & set(d.groups[test_idx]))}
     spearman_bars = {}
-    candidates = [("sae_predictor", X), ("baseline_sample_stats_only", X[:, blocks[
-        "sample_stats_only"]]), ("baseline_reward_model_score_only", reward_X)]
+    candidates = [("sae_predictor", d.X),
+                  ("baseline_sample_stats_only", d.X[:, :len(d.stat_names)]),
+                  ("baseline_reward_model_score_only", d.reward_X)]
     for name, features in tqdm(candidates, desc="held-out fits", unit="model"):
         if features.shape[1] == 0:
             heldout[name] = None
             continue
-        model, how = fit_ridge(features[train_idx], target[train_idx], groups[train_idx], args)
+        model, how = fit_ridge(features[train_idx], d.target[train_idx], d.groups[train_idx],
+                               args)
         pred = model.predict(features[test_idx])
-        heldout[name] = {**how, **evaluate(pred, target[test_idx], goodness[test_idx], top_k,
-                                           n_incl, reward[test_idx])}
+        heldout[name] = {**how, **evaluate(pred, d.target[test_idx], d.goodness[test_idx],
+                                           d.top_k, d.n_incl, d.reward[test_idx])}
         spearman_bars[name] = heldout[name]["spearman"]
     spearman_bars["sae_predictor_partial_reward_model_score"] = heldout["sae_predictor"][
         "spearman_partial_reward_model_score"]
+    return heldout, spearman_bars, test_idx
 
-    # out-of-fold: every scored row predicted by a model that never saw its group
+
+def fit_out_of_fold(args, d):
+    """Every scored row predicted by a model that never saw its group."""
+    import numpy as np
+    from sklearn.model_selection import GroupKFold, KFold
+
     folder = (GroupKFold(n_splits=args.cv_folds, shuffle=True, random_state=args.seed)
-              if grouped else KFold(n_splits=args.cv_folds, shuffle=True, random_state=args.seed))
-    oof = np.full(n_incl, np.nan)
-    fold_of = np.full(n_incl, -1)
+              if args.split_mode == "grouped"
+              else KFold(n_splits=args.cv_folds, shuffle=True, random_state=args.seed))
+    oof = np.full(d.n_incl, np.nan)
+    fold_of = np.full(d.n_incl, -1)
     fold_alphas = []
-    for fold, (fit_rows, pred_rows) in enumerate(tqdm(list(folder.split(X, target, groups)),
+    for fold, (fit_rows, pred_rows) in enumerate(tqdm(list(folder.split(d.X, d.target,
+                                                                        d.groups)),
                                                       desc="out-of-fold", unit="fold")):
-        model, how = fit_ridge(X[fit_rows], target[fit_rows], groups[fit_rows], args)
-        oof[pred_rows] = model.predict(X[pred_rows])
+        model, how = fit_ridge(d.X[fit_rows], d.target[fit_rows], d.groups[fit_rows], args)
+        oof[pred_rows] = model.predict(d.X[pred_rows])
         fold_of[pred_rows] = fold
         fold_alphas.append(how["alpha"])
-    oof_rank = predictions_rank(oof)
-    oof_metrics = evaluate(oof, target, goodness, top_k, n_incl, reward)
-    oof_metrics["alphas"] = fold_alphas
+    metrics = evaluate(oof, d.target, d.goodness, d.top_k, d.n_incl, d.reward)
+    metrics["alphas"] = fold_alphas
+    return oof, fold_of, metrics
 
-    # refit on every scored row: predictions for rows without a score, in-sample for the rest
-    refit_model, refit_how = fit_ridge(X, target, groups, args)
-    refit_all = refit_model.predict(X_all)
 
-    validation = metadata_validation(
-        {c: (np.array(meta_rows[c])[included] if c in meta_rows.column_names
-             else np.array(["n/a"] * n_incl)) for c in METADATA_COLUMNS},
-        attribution_rank, oof_rank, reward,
-        {"spearman_with_attribution": spearman_bars,
-         "note": ("held-out fold; sae_predictor = ridge on SAE features + sample statistics; "
-                  "baseline_sample_stats_only = ridge on the sample statistics alone; "
-                  "baseline_reward_model_score_only = ridge on reward_model_score alone; "
-                  "sae_predictor_partial_reward_model_score = Spearman of the SAE prediction "
-                  "and the target after partialling reward_model_score out of both")})
+def row_score_records(d, oof, fold_of, test_idx, refit_all) -> list[dict]:
+    import numpy as np
 
-    staged = staging_dir(output_root)
-    plot_validation(staged / "metadata_validation.png", validation, attribution_rank, oof_rank,
-                    reward)
-    validation["provenance"] = provenance(seed=args.seed, manifest=args.manifest)
-    write_json_atomic(staged / "metadata_validation.json", validation)
-    incl_pos = np.full(len(feature_ids), -1)
-    incl_pos[included] = np.arange(n_incl)
+    incl_pos = np.full(len(d.feature_ids), -1)
+    incl_pos[d.included] = np.arange(d.n_incl)
     test_set = set(test_idx.tolist())
-    refit_rank = predictions_rank(refit_all)
-    rows_out = []
-    for i, row_id in enumerate(feature_ids):
+    oof_rank, refit_rank = predictions_rank(oof), predictions_rank(refit_all)
+    records = []
+    for i, row_id in enumerate(d.feature_ids):
         j = int(incl_pos[i])
-        rows_out.append({
+        records.append({
             "row_id": row_id,
-            "group_id": str(groups_all[i]),
-            "true_score": float(scores[i]) if included[i] else None,
-            "true_rank": int(ranks[i]) if included[i] else None,
-            "excluded": not included[i],
+            "group_id": str(d.groups_all[i]),
+            "true_score": float(d.scores[i]) if d.included[i] else None,
+            "true_rank": int(d.ranks[i]) if d.included[i] else None,
+            "excluded": not d.included[i],
             "predicted_score": float(oof[j]) if j >= 0 else None,
             "predicted_rank": int(oof_rank[j]) if j >= 0 else None,
             "fold": int(fold_of[j]) if j >= 0 else None,
@@ -597,81 +592,129 @@ def main(argv=None):
             "refit_score": float(refit_all[i]),
             "refit_rank": int(refit_rank[i]),
         })
-    write_jsonl_atomic(staged / "row_scores.jsonl", rows_out)
+    return records
 
-    selection_info = None
-    if args.write_selection is not None:
-        k = args.write_selection
-        if k > n_incl:
-            raise PipelineError(f"--write-selection {k} exceeds the {n_incl} scored rows")
-        top_pos = np.argsort(-oof, kind="stable")[:k]
-        random_pos = matched_random_indices(n_incl, k, args.seed, exclude=top_pos.tolist(),
-                                            allow_overlap=args.allow_overlap)
-        incl_rows = np.flatnonzero(included)
-        to_split = lambda pos: sorted(split_index[feature_ids[incl_rows[p]]] for p in pos)  # noqa
-        attribution_top = set(np.argsort(-goodness, kind="stable")[:k].tolist())
-        selection_info = {
-            "method": "sae_predictor",
-            "k": k,
-            "seed": args.seed,
-            "overlap_policy": "allow_overlap" if args.allow_overlap else "disjoint",
-            "prediction": "out_of_fold",
-            "source_split": args.split,
-            "pool": "rows with a finite attribution score",
-            "pool_size": n_incl,
-            "excluded_unscored_rows": int((~included).sum()),
-            "target_type": args.target_type,
-            "score_run": str(Path(args.score_run_path).resolve()),
-            "features": str(npz_path.resolve()),
-            "predictor": str(output_root.resolve()),
-            "top_k_overlap_with_attribution_top_k": len(attribution_top & set(top_pos.tolist())),
-            "random_overlap_with_top_k": len(set(random_pos) & set(top_pos.tolist())),
-        }
-        write_selection_manifest(manifest, staged / "selection" / "manifest.json",
-                                 {"top_k": split.select(to_split(top_pos)),
-                                  "matched_random_k": split.select(to_split(random_pos))},
-                                 selection_info)
 
-    summary = {
-        "manifest": manifest["_path"],
-        "split": args.split,
-        "score_run": str(Path(args.score_run_path).resolve()),
-        "score_file": str(score_path.resolve()),
-        "score_summary": ({k: score_summary.get(k) for k in ("train_split", "query_split",
-                                                              "manifest")}
-                          if score_summary else None),
-        "features": str(npz_path.resolve()),
+def write_selection(args, manifest, d, oof, staged: Path, output_root: Path) -> dict:
+    """top_k = the K rows with the highest out-of-fold prediction; matched_random_k drawn by
+    subsets.choose_subsets among the scored rows, as score.py draws its control."""
+    import numpy as np
+
+    k = args.write_selection
+    if k > d.n_incl:
+        raise PipelineError(f"--write-selection {k} exceeds the {d.n_incl} scored rows")
+    top_pos, random_pos = choose_subsets(rank_rows(oof), k, args.seed, args.allow_overlap,
+                                         random_match=args.random_match,
+                                         supervised_tokens=d.supervised[d.included])
+    incl_rows = np.flatnonzero(d.included)
+    to_split = lambda pos: sorted(d.split_index[d.feature_ids[incl_rows[p]]] for p in pos)  # noqa
+    attribution_top = set(np.argsort(-d.goodness, kind="stable")[:k].tolist())
+    selection = {
+        "method": "sae_predictor",
+        "k": k,
+        "seed": args.seed,
+        "random_match": args.random_match,
+        "matched_random_rows": len(random_pos),
+        "overlap_policy": "allow_overlap" if args.allow_overlap else "disjoint",
+        "prediction": "out_of_fold",
+        "source_split": args.split,
+        "pool": "rows with a finite attribution score",
+        "pool_size": d.n_incl,
+        "excluded_unscored_rows": int((~d.included).sum()),
         "target_type": args.target_type,
-        "target_note": ("rank: attribution rank percentile among scored rows, 1 = rank 1"
-                        if args.target_type == "rank" else "score: raw attribution score"),
-        "n_rows": len(feature_ids),
-        "n_scored": n_incl,
-        "n_excluded_non_finite_score": int((~included).sum()),
-        "n_groups": n_groups,
-        "n_features_total": int(means.shape[1]),
-        "n_features_used": int(len(live)),
-        "n_dead_features_dropped": int(means.shape[1] - len(live)),
-        "sample_stats": stat_names,
-        "feature_transform": "none" if args.no_log1p else "sign(x)*log1p(|x|)",
-        "count_stats_log1p": [s for s in stat_names if s in COUNT_STATS],
-        "split_mode": args.split_mode,
-        "test_fraction": args.test_fraction,
-        "top_k": top_k,
-        "alpha_grid": args.alpha_grid,
-        "heldout": heldout,
-        "out_of_fold": {"cv_folds": args.cv_folds, "scheme": (
-            "GroupKFold on group_id" if grouped else "KFold"), **oof_metrics},
-        "refit": {**refit_how, "n_rows": n_incl,
-                  "note": "in-sample for scored rows; use predicted_* (out-of-fold) to judge"},
-        "selection": selection_info,
-        "outputs": ["summary.json", "row_scores.jsonl", "metadata_validation.json",
-                    "metadata_validation.png"] + (["selection/manifest.json"]
-                                                  if selection_info else []),
-        "wall_clock_s": time.perf_counter() - started,
-        "provenance": provenance(seed=args.seed, manifest=args.manifest),
+        "score_run": str(Path(args.scores_from).resolve()),
+        "features": str(d.npz_path.resolve()),
+        "predictor": str(output_root.resolve()),
+        "top_k_overlap_with_attribution_top_k": len(attribution_top & set(top_pos)),
+        "random_overlap_with_top_k": len(set(random_pos) & set(top_pos)),
     }
-    write_json_atomic(staged / "summary.json", summary)
-    publish_dir(staged, output_root)
+    write_selection_manifest(manifest, staged / "selection" / "manifest.json",
+                             {"top_k": d.split.select(to_split(top_pos)),
+                              "matched_random_k": d.split.select(to_split(random_pos))},
+                             selection)
+    return selection
+
+
+def main(argv=None):
+    import numpy as np
+
+    args = parse_args(argv)
+    started = time.perf_counter()
+    manifest = load_manifest(args.manifest)
+    output_root = check_output_dir(args.output_root, args.overwrite, SCRIPT,
+                                   inputs=[args.manifest, args.scores_from, args.sae_dir,
+                                           args.npz], flag="--output-root")
+    d = load_inputs(args, manifest)
+    grouped = args.split_mode == "grouped"
+    n_groups = len(np.unique(d.groups))
+    if grouped and n_groups < max(args.cv_folds, 2):
+        raise PipelineError(f"{n_groups} groups among the scored rows: too few for "
+                            f"--cv-folds {args.cv_folds} with --split-mode grouped")
+
+    heldout, spearman_bars, test_idx = fit_heldout(args, d)
+    oof, fold_of, oof_metrics = fit_out_of_fold(args, d)
+    # refit on every scored row: predictions for rows without a score, in-sample for the rest
+    refit_model, refit_how = fit_ridge(d.X, d.target, d.groups, args)
+    refit_all = refit_model.predict(d.X_all)
+    validation = metadata_validation(
+        {c: (np.array(d.meta_rows[c])[d.included] if c in d.meta_rows.column_names
+             else np.array(["n/a"] * d.n_incl)) for c in METADATA_COLUMNS},
+        d.attribution_rank, predictions_rank(oof), d.reward,
+        {"spearman_with_attribution": spearman_bars,
+         "note": ("held-out fold; sae_predictor = ridge on SAE features + sample statistics; "
+                  "baseline_sample_stats_only = ridge on the sample statistics alone; "
+                  "baseline_reward_model_score_only = ridge on reward_model_score alone; "
+                  "sae_predictor_partial_reward_model_score = Spearman of the SAE prediction "
+                  "and the target after partialling reward_model_score out of both")})
+
+    with staged_output(output_root, SCRIPT) as staged:
+        plot_validation(staged / "metadata_validation.png", validation, d.attribution_rank,
+                        predictions_rank(oof), d.reward)
+        validation["provenance"] = provenance(seed=args.seed, manifest=args.manifest)
+        write_json_atomic(staged / "metadata_validation.json", validation)
+        write_jsonl_atomic(staged / "row_scores.jsonl",
+                           row_score_records(d, oof, fold_of, test_idx, refit_all))
+        selection_info = (write_selection(args, manifest, d, oof, staged, output_root)
+                          if args.write_selection is not None else None)
+        summary = {
+            "manifest": manifest["_path"],
+            "split": args.split,
+            "score_run": str(Path(args.scores_from).resolve()),
+            "score_file": str(d.score_path.resolve()),
+            "score_summary": ({k: d.score_summary.get(k) for k in ("train_split", "query_split",
+                                                                    "manifest")}
+                              if d.score_summary else None),
+            "features": str(d.npz_path.resolve()),
+            "target_type": args.target_type,
+            "target_note": ("rank: attribution rank percentile among scored rows, 1 = rank 1"
+                            if args.target_type == "rank" else "score: raw attribution score"),
+            "n_rows": len(d.feature_ids),
+            "n_scored": d.n_incl,
+            "n_excluded_non_finite_score": int((~d.included).sum()),
+            "n_groups": n_groups,
+            "n_features_total": d.n_features,
+            "n_features_used": int(len(d.live)),
+            "n_dead_features_dropped": int(d.n_features - len(d.live)),
+            "sample_stats": d.stat_names,
+            "feature_transform": "none" if args.no_log1p else "sign(x)*log1p(|x|)",
+            "count_stats_log1p": [s for s in d.stat_names if s in COUNT_STATS],
+            "split_mode": args.split_mode,
+            "test_fraction": args.test_fraction,
+            "top_k": d.top_k,
+            "alpha_grid": args.alpha_grid,
+            "heldout": heldout,
+            "out_of_fold": {"cv_folds": args.cv_folds, "scheme": (
+                "GroupKFold on group_id" if grouped else "KFold"), **oof_metrics},
+            "refit": {**refit_how, "n_rows": d.n_incl,
+                      "note": "in-sample for scored rows; use predicted_* (out-of-fold) to judge"},
+            "selection": selection_info,
+            "outputs": ["summary.json", "row_scores.jsonl", "metadata_validation.json",
+                        "metadata_validation.png"] + (["selection/manifest.json"]
+                                                      if selection_info else []),
+            "wall_clock_s": time.perf_counter() - started,
+            "provenance": provenance(seed=args.seed, manifest=args.manifest),
+        }
+        write_json_atomic(staged / "summary.json", summary)
     sae = heldout["sae_predictor"]
     print(f"held-out Spearman {fmt(sae['spearman'])}, top-{sae['k']} precision "
           f"{sae['top_k_precision']:.3f} (random {sae['top_k_precision_random_expectation']:.3f}), "

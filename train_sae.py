@@ -2,7 +2,7 @@
 be had (offline, or a model without a released SAE). sae_analysis.py --sae-path reads the result.
 
   train_sae.py --manifest runs/smoltalk_v1/manifest.json --split train_base \
-      --model-name google/gemma-3-1b-it --layer 17 --d-sae 4096 --k 32 \
+      --base-model google/gemma-3-1b-it --layer 17 --d-sae 4096 --k 32 \
       --output-dir runs/smoltalk_v1/local_sae
 
 The training maths is sae-lens's own (TopKTrainingSAE with its dead-feature auxiliary loss, or
@@ -33,11 +33,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline import (PipelineError, base_model_of_adapter, check_adapter_dir,
-                      length_sorted_batches, load_manifest, load_model_with_adapter, load_split,
-                      load_tokenizer, pad_batch, pick_device, pick_dtype, provenance, publish_dir,
-                      run_main, staging_dir, tokenize_split, write_json_atomic)
-from sae_analysis import (DEFAULT_MODEL, check_layer, decoder_layers, pooled_mask,
+from pipeline import (DEFAULT_BASE_MODEL, PipelineError, add_alias, check_adapter_dir,
+                      check_output_dir, length_sorted_batches, load_manifest,
+                      load_model_with_adapter, load_split, load_tokenizer, pad_batch, pick_device,
+                      pick_dtype, provenance, resolve_base_model, run_main, staged_output,
+                      tokenize_split, write_json_atomic)
+from sae_analysis import (check_layer, decoder_layers, pooled_mask,
                           resid_post_hook_name, residual_after_layer)
 
 
@@ -47,9 +48,10 @@ def parse_args(argv=None):
     p.add_argument("--manifest", default="runs/smoltalk_v1/manifest.json",
                    help="main manifest (default: %(default)s)")
     p.add_argument("--split", default="train_base", help="split to train on (default: train_base)")
-    p.add_argument("--model-name", "--base-model", dest="model_name", default=None,
+    p.add_argument("--base-model", default=None,
                    help=f"hub id or local checkpoint (default: the adapter's base model, else "
-                        f"{DEFAULT_MODEL})")
+                        f"{DEFAULT_BASE_MODEL})")
+    add_alias(p, "--model-name", "base_model")
     p.add_argument("--adapter-path", default=None, help="LoRA adapter to apply to the model")
     p.add_argument("--layer", type=int, required=True,
                    help="decoder layer L: the SAE reads its output (blocks.L.hook_resid_post)")
@@ -224,28 +226,10 @@ def evaluate_heldout(sae, batches, d_sae: int) -> dict:
             "dead_fraction": float(1 - fired.float().mean().item())}
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    # heavy imports after parsing, so --help and usage errors answer at once (sae-lens alone
-    # takes ~20 s to import on a small machine)
-    import torch
-    from sae_lens import SAE, SAETrainer
-    from sae_lens.config import LoggingConfig, SAETrainerConfig
-
-    manifest = load_manifest(args.manifest)
-    output_dir = Path(args.output_dir)
-    if output_dir.exists() and not args.overwrite:
-        raise PipelineError(f"output directory {output_dir} already exists "
-                            "(pass --overwrite to replace it)")
-    if args.adapter_path:
-        check_adapter_dir(args.adapter_path)
-    model_name = (args.model_name
-                  or (base_model_of_adapter(args.adapter_path) if args.adapter_path else None)
-                  or DEFAULT_MODEL)
+def load_rows(args, manifest, tokenizer) -> list[dict]:
+    """The split's rows tokenized as finetune.py trains on them, keeping those with positions to
+    train on."""
     split = load_split(manifest, args.split)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.precision, device)
-    tokenizer = load_tokenizer(args.adapter_path or model_name)
     columns = ["row_id", "input_ids", "labels", "num_supervised_tokens"]
     columns += ["group_id"] if "group_id" in split.column_names else []
     rows = tokenize_split(split, tokenizer, args.max_length,
@@ -257,40 +241,28 @@ def main(argv=None):
     if len(rows) < 2:
         raise PipelineError(f"split '{args.split}' has {len(rows)} usable row(s) for "
                             f"--positions {args.positions}; an SAE needs more")
-    train_idx, held_idx = holdout_split(rows, args.holdout_fraction, args.seed)
+    return rows
 
-    model = load_model_with_adapter(model_name, args.adapter_path, dtype, device)
-    model.eval()
-    check_layer(model, args.layer, model.config.hidden_size, "the SAE")
-    layers = decoder_layers(model)
-    layer_module = layers[args.layer]
-    module_path = next(name for name, m in model.named_modules() if m is layer_module)
-    d_in = model.config.hidden_size
-    pad_id = tokenizer.pad_token_id
 
-    steps = args.steps or max(1, args.tokens // args.batch_tokens)
-    decay_steps = int(args.lr_decay_fraction * steps)
-    trainer_cfg = SAETrainerConfig(
+def trainer_config(args, steps: int, device):
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+
+    return SAETrainerConfig(
         total_training_samples=steps * args.batch_tokens,
         train_batch_size_samples=args.batch_tokens, lr=args.lr, lr_end=args.lr,
-        lr_scheduler_name="constant", lr_decay_steps=decay_steps, device=str(device),
+        lr_scheduler_name="constant", lr_decay_steps=int(args.lr_decay_fraction * steps),
+        device=str(device),
         # the dead-feature window drives TopK's auxiliary loss; a short run needs a short one
         dead_feature_window=max(1, min(1000, steps // 5)),
         feature_sampling_window=max(1, min(2000, steps // 2)),
         n_batches_for_norm_estimate=args.norm_estimate_batches,
         logger=LoggingConfig(log_to_wandb=False))
-    sae = build_sae(args, d_in, device)
-    counter = {"tokens_forwarded": 0, "passes": 0}
-    stream = activation_stream(model, layer_module, rows, train_idx, args, pad_id, device,
-                               counter)
-    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=stream)
 
-    started = time.perf_counter()
-    scaling_factor = None
-    if args.normalize_activations == "expected_average_only_in":
-        trainer.activation_scaler.estimate_scaling_factor(d_in, stream, args.norm_estimate_batches)
-        scaling_factor = trainer.activation_scaler.scaling_factor
-    # SAETrainer.fit()'s loop, through the public seams, to keep a loss curve without wandb
+
+def train_steps(trainer, stream, steps: int, log_every: int) -> list[dict]:
+    """SAETrainer.fit()'s loop, through the public seams, to keep a loss curve without wandb."""
+    import torch
+
     loss_curve, window = [], []
     progress = tqdm(range(steps), desc="train SAE", unit="step")
     for step in progress:
@@ -308,13 +280,74 @@ def main(argv=None):
         if not math.isfinite(entry["loss"]):
             raise PipelineError(f"SAE loss became {entry['loss']} at step {step + 1}")
         window.append(entry)
-        if (step + 1) % args.log_every == 0 or step + 1 == steps:
+        if (step + 1) % log_every == 0 or step + 1 == steps:
             loss_curve.append({key: (value if key == "step" else
                                      sum(e[key] for e in window) / len(window))
                                for key, value in entry.items()})
             window = []
             progress.set_postfix(mse=f"{loss_curve[-1]['mse_loss']:.4g}",
                                  ev=f"{loss_curve[-1]['explained_variance']:.3f}")
+    return loss_curve
+
+
+def save_and_reload(sae, staged: Path, held_batches, device):
+    """Save the inference SAE and check that the reloaded one encodes like the trained one."""
+    import torch
+    from sae_lens import SAE
+
+    sae.eval()
+    sae.save_inference_model(str(staged))
+    loaded = SAE.load_from_disk(str(staged), device=str(device))
+    loaded.eval()
+    probe = torch.cat(held_batches)[:1024]
+    with torch.no_grad():
+        reload_diff = (loaded.encode(probe) - sae.encode(probe)).abs().max().item()
+    if reload_diff > 1e-4:
+        raise PipelineError(f"the saved SAE encodes differently from the trained one after "
+                            f"reloading (max |diff| {reload_diff:.3g})")
+    return loaded, reload_diff
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # heavy imports after parsing, so --help and usage errors answer at once (sae-lens alone
+    # takes ~20 s to import on a small machine)
+    import torch
+    from sae_lens import SAETrainer
+
+    manifest = load_manifest(args.manifest)
+    output_dir = check_output_dir(args.output_dir, args.overwrite, "train_sae.py",
+                                  inputs=[args.manifest, args.adapter_path])
+    if args.adapter_path:
+        check_adapter_dir(args.adapter_path)
+    model_name = resolve_base_model(args.base_model, args.adapter_path)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.precision, device)
+    tokenizer = load_tokenizer(args.adapter_path or model_name)
+    rows = load_rows(args, manifest, tokenizer)
+    train_idx, held_idx = holdout_split(rows, args.holdout_fraction, args.seed)
+
+    model = load_model_with_adapter(model_name, args.adapter_path, dtype, device)
+    model.eval()
+    check_layer(model, args.layer, model.config.hidden_size, "the SAE")
+    layer_module = decoder_layers(model)[args.layer]
+    module_path = next(name for name, m in model.named_modules() if m is layer_module)
+    d_in = model.config.hidden_size
+    pad_id = tokenizer.pad_token_id
+
+    steps = args.steps or max(1, args.tokens // args.batch_tokens)
+    sae = build_sae(args, d_in, device)
+    counter = {"tokens_forwarded": 0, "passes": 0}
+    stream = activation_stream(model, layer_module, rows, train_idx, args, pad_id, device,
+                               counter)
+    trainer = SAETrainer(cfg=trainer_config(args, steps, device), sae=sae, data_provider=stream)
+
+    started = time.perf_counter()
+    scaling_factor = None
+    if args.normalize_activations == "expected_average_only_in":
+        trainer.activation_scaler.estimate_scaling_factor(d_in, stream, args.norm_estimate_batches)
+        scaling_factor = trainer.activation_scaler.scaling_factor
+    loss_curve = train_steps(trainer, stream, steps, args.log_every)
     if scaling_factor is not None:
         sae.fold_activation_norm_scaling_factor(scaling_factor)
     trainer.set_final_sae_metadata()
@@ -330,68 +363,58 @@ def main(argv=None):
     metadata.context_size = args.max_length
     metadata.dataset_path = f"{manifest['_path']}:{args.split}"
     metadata.positions = args.positions
-    staged = staging_dir(output_dir)
-    sae.eval()
-    sae.save_inference_model(str(staged))
-    loaded = SAE.load_from_disk(str(staged), device=str(device))
-    loaded.eval()
-    held_batches = list(row_activations(model, layer_module, rows, held_idx, args, pad_id,
-                                        device))
-    probe = torch.cat(held_batches)[:1024]
-    with torch.no_grad():
-        reload_diff = (loaded.encode(probe) - sae.encode(probe)).abs().max().item()
-    if reload_diff > 1e-4:
-        raise PipelineError(f"the saved SAE encodes differently from the trained one after "
-                            f"reloading (max |diff| {reload_diff:.3g})")
-    heldout = evaluate_heldout(loaded, held_batches, args.d_sae)
-    summary = {
-        "sae_path": str(output_dir.resolve()),
-        "architecture": args.architecture,
-        "inference_architecture": loaded.cfg.architecture(),
-        "hook_name": metadata.hook_name,
-        "hf_hook_name": metadata.hf_hook_name,
-        "layer": args.layer,
-        "d_in": d_in,
-        "d_sae": args.d_sae,
-        "k": args.k if args.architecture == "topk" else None,
-        "l1_coefficient": args.l1_coefficient if args.architecture == "standard" else None,
-        "model_name": model_name,
-        "adapter_path": metadata.adapter_path,
-        "manifest": manifest["_path"],
-        "split": args.split,
-        "positions": args.positions,
-        "num_rows": len(rows),
-        "num_train_rows": len(train_idx),
-        "num_heldout_rows": len(held_idx),
-        "heldout_row_ids": [rows[i]["row_id"] for i in held_idx],
-        "steps": steps,
-        "batch_tokens": args.batch_tokens,
-        "training_tokens": steps * args.batch_tokens,
-        "passes_over_split": counter["passes"],
-        "tokens_forwarded": counter["tokens_forwarded"],
-        "activation_normalization": {
-            "method": args.normalize_activations,
-            "scaling_factor": scaling_factor,
-            "note": ("training inputs were x * scaling_factor; the factor is folded into the "
-                     "saved weights, which therefore take raw activations") if scaling_factor
-                    else "none",
-        },
-        "lr": args.lr,
-        "lr_decay_steps": decay_steps,
-        "train_wall_clock_s": train_seconds,
-        "train_tokens_per_s": steps * args.batch_tokens / train_seconds,
-        "final_train": loss_curve[-1],
-        "heldout": heldout,
-        "training_window_dead_features": metadata.num_dead_features,
-        "reload_max_abs_diff": reload_diff,
-        "loss_curve": loss_curve,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "model_dtype": str(dtype).replace("torch.", ""),
-        "config": vars(args),
-        "provenance": provenance(seed=args.seed, manifest=args.manifest),
-    }
-    write_json_atomic(staged / "training_summary.json", summary)
-    publish_dir(staged, output_dir)
+    with staged_output(output_dir, "train_sae.py") as staged:
+        held_batches = list(row_activations(model, layer_module, rows, held_idx, args, pad_id,
+                                            device))
+        loaded, reload_diff = save_and_reload(sae, staged, held_batches, device)
+        heldout = evaluate_heldout(loaded, held_batches, args.d_sae)
+        summary = {
+            "sae_path": str(output_dir.resolve()),
+            "architecture": args.architecture,
+            "inference_architecture": loaded.cfg.architecture(),
+            "hook_name": metadata.hook_name,
+            "hf_hook_name": metadata.hf_hook_name,
+            "layer": args.layer,
+            "d_in": d_in,
+            "d_sae": args.d_sae,
+            "k": args.k if args.architecture == "topk" else None,
+            "l1_coefficient": args.l1_coefficient if args.architecture == "standard" else None,
+            "model_name": model_name,
+            "adapter_path": metadata.adapter_path,
+            "manifest": manifest["_path"],
+            "split": args.split,
+            "positions": args.positions,
+            "num_rows": len(rows),
+            "num_train_rows": len(train_idx),
+            "num_heldout_rows": len(held_idx),
+            "heldout_row_ids": [rows[i]["row_id"] for i in held_idx],
+            "steps": steps,
+            "batch_tokens": args.batch_tokens,
+            "training_tokens": steps * args.batch_tokens,
+            "passes_over_split": counter["passes"],
+            "tokens_forwarded": counter["tokens_forwarded"],
+            "activation_normalization": {
+                "method": args.normalize_activations,
+                "scaling_factor": scaling_factor,
+                "note": ("training inputs were x * scaling_factor; the factor is folded into the "
+                         "saved weights, which therefore take raw activations") if scaling_factor
+                        else "none",
+            },
+            "lr": args.lr,
+            "lr_decay_steps": int(args.lr_decay_fraction * steps),
+            "train_wall_clock_s": train_seconds,
+            "train_tokens_per_s": steps * args.batch_tokens / train_seconds,
+            "final_train": loss_curve[-1],
+            "heldout": heldout,
+            "training_window_dead_features": metadata.num_dead_features,
+            "reload_max_abs_diff": reload_diff,
+            "loss_curve": loss_curve,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "model_dtype": str(dtype).replace("torch.", ""),
+            "config": vars(args),
+            "provenance": provenance(seed=args.seed, manifest=args.manifest),
+        }
+        write_json_atomic(staged / "training_summary.json", summary)
     print(f"saved SAE to {output_dir}: held-out explained variance "
           f"{heldout['explained_variance']:.3f}, L0 {heldout['mean_l0']:.1f}, "
           f"{heldout['dead_features']} dead of {args.d_sae}")

@@ -342,7 +342,7 @@ def predictor(run_dir, tmp_path_factory):
     features, scores, rows = fabricate(run_dir, tmp)
     out = tmp / "sae_predictor"
     run_script("train_bidir_classifier.py", "--manifest", run_dir / "manifest.json",
-               "--score-run-path", scores, "--sae-dir", features, "--top-k", 24,
+               "--scores-from", scores, "--sae-dir", features, "--top-k", 24,
                "--output-root", out, "--write-selection", 16, "--seed", 5)
     return out, rows
 
@@ -473,17 +473,17 @@ def test_predictor_bad_inputs(run_dir, tmp_path):
 
 @pytest.mark.parametrize("script,flags", [
     ("sae_analysis.py", ["--manifest", "--split", "--output-dir", "--max-examples",
-                         "--max-tokens", "--sae-id", "--sae-release", "--model-name",
-                         "--sae-path", "--layer", "--adapter-path", "--batch-size", "--pool",
+                         "--max-length", "--sae-id", "--sae-release", "--base-model",
+                         "--sae-path", "--layer", "--adapter-path", "--batch-size", "--positions",
                          "--device", "--precision"]),
-    ("train_sae.py", ["--manifest", "--split", "--model-name", "--base-model", "--adapter-path",
+    ("train_sae.py", ["--manifest", "--split", "--base-model", "--adapter-path", "--positions",
                       "--layer", "--d-sae", "--k", "--l1-coefficient", "--steps", "--tokens",
                       "--lr", "--batch-tokens", "--max-length", "--seed", "--output-dir",
                       "--device", "--precision"]),
-    ("train_bidir_classifier.py", ["--manifest", "--split", "--score-run-path", "--sae-dir",
+    ("train_bidir_classifier.py", ["--manifest", "--split", "--scores-from", "--sae-dir",
                                    "--npz", "--target-type", "--top-k", "--split-mode",
                                    "--test-fraction", "--seed", "--output-root",
-                                   "--write-selection", "--allow-overlap"]),
+                                   "--write-selection", "--allow-overlap", "--random-match"]),
 ])
 def test_help_lists_flags(script, flags):
     out = run_script(script, "--help").stdout
