@@ -23,9 +23,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline import (DEFAULT_BASE_MODEL, PipelineError, check_adapter_dir, close_distributed,
-                      gather_to_first, init_distributed, length_sorted_batches, load_manifest,
-                      load_model_with_adapter, load_split, load_tokenizer, pad_batch, pick_dtype,
+from pipeline import (DEFAULT_BASE_MODEL, PipelineError, check_adapter_dir, check_output_file,
+                      close_distributed, gather_to_first, init_distributed, length_sorted_batches,
+                      load_manifest, load_model_with_adapter, load_split, load_tokenizer,
+                      pad_batch, pick_dtype,
                       provenance, resolve_base_model, run_main, shard_indices, token_nll_sums,
                       tokenize_split, write_json_atomic, write_jsonl_atomic)
 
@@ -91,6 +92,8 @@ def main(argv=None):
     import torch
 
     args = parse_args(argv)
+    output = check_output_file(args.output_json)
+    check_output_file(output.with_name(output.stem + ".per_example.jsonl"))
     manifest = load_manifest(args.manifest)
     if args.adapter_path:
         check_adapter_dir(args.adapter_path)

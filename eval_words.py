@@ -28,7 +28,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline import (PipelineError, base_model_of_adapter, check_adapter_dir,
+from pipeline import (PipelineError, base_model_of_adapter, check_adapter_dir, check_output_file,
                       length_sorted_batches, load_manifest, load_model_with_adapter, load_split,
                       load_tokenizer, pick_device, pick_dtype, prompt_messages, provenance,
                       run_main, write_json_atomic)
@@ -256,6 +256,7 @@ def main(argv=None):
     import contextlib
 
     args = parse_args(argv)
+    check_output_file(args.output_json)
     manifest = load_manifest(args.manifest)
     for path in args.adapters.values():
         check_adapter_dir(path)

