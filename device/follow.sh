@@ -24,7 +24,7 @@ fi
 tail -n 5 "$JOB/runner.log" | grep -v "^\[runner\]"
 tar czf "$JOB/results.tgz" --exclude='*.safetensors' --exclude='*.arrow' --exclude='*.npz' \
   --exclude='*.npy' --exclude='*.bin' --exclude='*.pt' --exclude='tokenizer*' \
-  --exclude='bergson' --exclude='bergson_data' "$run_dir"
+  --exclude='bergson' --exclude='bergson_data' -C "$(dirname "$run_dir")" "$(basename "$run_dir")"
 if [ "$(stat -c %s "$JOB/results.tgz")" -gt 15000000 ]; then
   split -b 15000000 "$JOB/results.tgz" "$OUT/results.tgz.part-"   # cat results.tgz.part-* | tar xz
 else
