@@ -1,43 +1,47 @@
-"""One report over a run (or several seeds of it): report.md, report.json and PNG plots from
-whatever the pipeline's scripts left in the run folders. Nothing is recomputed on a GPU; missing
-parts are skipped and listed under "not found".
+"""One report over a recipe's run (recipes/*.toml through run_experiment.py): report.md,
+report.json and PNG plots from what the steps left in the run folder. Nothing is recomputed on a
+GPU, and the paired eval-loss statistics are compare_evals.py's (the recipes' compare steps), read
+from its JSON; a file that is absent only drops its part and is listed under "not found".
 
-    uv run report.py --run-dir runs/smoltalk_real                       # one run = one seed
-    uv run report.py --run-dir runs/multi                               # runs/multi/seed_*/
-    uv run report.py --run-dir runs/multi --seeds-glob 'seed_[0-4]'
-    uv run report.py --run-dir runs/multi --seed-dirs runs/a runs/b     # explicit folders
+    uv run report.py --run-dir runs/smoltalk_v1                         # its seed_*/ folders
+    uv run report.py --run-dir runs/smoltalk_v1 --seeds-glob 'seed_[0-4]'
+    uv run report.py --run-dir runs/smoltalk_v1 --seed-dirs runs/smoltalk_v1/seed_42 runs/b/seed_1
 
-Seed folders (which folders count as seeds, in this order of precedence):
-  --seed-dirs D [D ...]   exactly these folders, in the order given
-  --seeds-glob PATTERN    folders under --run-dir matching PATTERN (default: seed_*), sorted by the
-                          number in their name, else by name
-  neither matches         --run-dir itself is the one seed folder
-A seed is labelled by its folder name. Every seed folder is read with the layout the device scripts
-produce (device/real_attribution_a.sh, real_score.sh, real_attribution_b.sh, real_sae.sh,
-real_taboo.sh); a file that is absent only drops its section:
-  manifest.json                                  dataset.py (train_base's `corrupted` column, if
-                                                 any, is the planted signal); a seed folder
-                                                 without one uses --run-dir's manifest.json
-                                                 (splits made once, seeds repeat the rest)
-  attribution/train_scores.jsonl, summary.json   score.py (score, rank, in_top_k,
-                                                 in_matched_random_k per train row)
-  eval_top_k.per_example.jsonl                   eval_loss.py on the attribution top-k adapter
-  eval_matched_random_k.per_example.jsonl        ... and on the matched random adapter
-  eval_sae_top_k.per_example.jsonl               eval_loss.py on the SAE-predictor selection
-  eval_sae_matched_random_k.per_example.jsonl    (real_sae.sh)
-  sae_predictor/row_scores.jsonl                 train_bidir_classifier.py (out-of-fold
-                                                 predicted_score / predicted_rank, true_rank)
-  eval_words.json                                eval_words.py (Taboo: per-model successes,
-                                                 per-row outcomes)
+Seed folders: --seed-dirs D [D ...] exactly these, in the order given; else the folders under
+--run-dir matching --seeds-glob (default seed_*), sorted by the number in their name, else by
+name. A seed is labelled by its folder name.
+
+The layout the recipes write (<split> is the run folder, or with per_seed_split = true the seed
+folder, which is looked in first):
+  <split>/manifest.json, data/             dataset.py (train_base's `corrupted` column, if any,
+                                           is the planted signal)
+  <split>/eval_base.json                   eval_loss.py on the base adapter (step eval_base): the
+                                           base model's and the base adapter's eval loss, once
+                                           per split
+  <run>/compare_top_vs_random.json         compare_evals.py over every seed folder's paired rows
+  <run>/compare_sae_top_vs_random.json     (steps compare_pooled, compare_sae_pooled)
+  seed_<s>/attribution/train_scores.jsonl, summary.json
+                                           score.py --scores-from (step subsets: score, rank,
+                                           in_top_k, in_matched_random_k per train row)
+  seed_<s>/eval_top_k.json, eval_matched_random_k.json, eval_sae_top_k.json,
+  eval_sae_matched_random_k.json           eval_loss.py --skip-base on each continuation adapter
+  seed_<s>/compare_top_vs_random.json      compare_evals.py: attribution top-k vs matched random
+  seed_<s>/compare_sae_top_vs_random.json  ... the SAE predictor's top-k vs matched random
+  seed_<s>/sae_predictor/row_scores.jsonl  train_bidir_classifier.py (out-of-fold
+                                           predicted_score / predicted_rank, true_rank)
+  seed_<s>/eval_words.json                 eval_words.py (Taboo: per-model successes, per-row
+                                           outcomes)
 
 Sections:
-  SmolTalk     per seed, compare_evals.paired_deltas of top-k minus matched random ("finetuned"
-               losses; negative = top-k better): token-weighted and per-example deltas with paired
-               bootstrap 95% CIs over eval rows, per-category token-weighted deltas. Pooled: the
-               paired rows of all seeds concatenated (row ids prefixed by the seed) and passed to
-               the same function, so the bootstrap resamples rows from the pool; it treats rows
-               as independent and so does not capture seed-to-seed (training) variance; the
-               per-seed deltas, their mean and how many seeds favour top-k are shown next to it.
+  SmolTalk     per seed, compare_evals.py's top-k minus matched random ("finetuned" losses;
+               negative = top-k better): token-weighted and per-example deltas with paired
+               bootstrap 95% CIs over eval rows, per-category token-weighted deltas. Pooled:
+               compare_evals.py over the paired rows of all seeds (shown when it pooled exactly
+               the seeds reported): the bootstrap resamples rows from the pool, so it treats rows
+               as independent and does not capture seed-to-seed (training) variance; the mean of
+               the per-seed deltas and how many seeds favour top-k are shown next to it. Eval
+               loss per seed: base model and base adapter (its split's eval_base.json) and each
+               continuation adapter.
   Taboo        per seed and model: successes/rows ("62/152 = 0.4079") and distinct target words;
                per pair of models the exact McNemar of eval_words.py (recomputed from its per-row
                outcomes with its own function when present, else its stored numbers). Pooled:
@@ -47,13 +51,13 @@ Sections:
   Attribution  per seed: histogram of finite scores with the top-k cut (lowest top-k score),
                finite coverage, mean score of top-k and matched random; Jaccard overlap of the
                top-k row ids between every two seeds; SAE predictor: out-of-fold predicted rank
-               vs attribution rank scatter and their Spearman.
-  Planted      when train_base has a `corrupted` column (dataset.py --corrupt-fraction): the AUC
-  signal       of the attribution score for telling clean (positive) from corrupted rows
-               (Mann-Whitney, ties count 1/2; 1 = every clean row outscores every corrupted
-               row, 0.5 = chance; rows without a finite score left out and counted), the same for
-               the SAE predictor's out-of-fold predicted_score, and corrupted rows in top_k and
-               matched_random_k against the number expected by chance.
+               vs attribution rank scatter and their Spearman (scipy.stats.spearmanr).
+  Planted      when train_base has a `corrupted` column (dataset.py --corrupt-fraction): the ROC
+  signal       AUC (sklearn.metrics.roc_auc_score; ties count 1/2; 1 = every clean row outscores
+               every corrupted row, 0.5 = chance) of the attribution score for telling clean
+               (positive) from corrupted rows (rows without a finite score left out and
+               counted), the same for the SAE predictor's out-of-fold predicted_score, and
+               corrupted rows in top_k and matched_random_k against the number expected by chance.
 
 The output folder is written whole, then renamed into place (an existing report folder there is
 replaced; a non-empty folder without report.json is refused).
@@ -63,21 +67,25 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import re
 import shutil
 from pathlib import Path
 
-from compare_evals import paired_deltas, read_per_example
 from eval_words import mcnemar_exact, pairwise_mcnemar, rate_string
 from pipeline import (PipelineError, load_manifest, load_split, provenance, publish_dir, read_json,
-                      run_main, staging_dir, write_json_atomic)
+                      read_jsonl, run_main, staging_dir, write_json_atomic)
 
-COMPARISONS = {  # name: (A = selected, B = matched random) per-example files in a seed folder
-    "attribution": ("eval_top_k.per_example.jsonl", "eval_matched_random_k.per_example.jsonl"),
-    "sae_predictor": ("eval_sae_top_k.per_example.jsonl",
-                      "eval_sae_matched_random_k.per_example.jsonl"),
+COMPARISONS = {  # name: compare_evals.py's output, per seed folder and (pooled) in the run folder
+    "attribution": "compare_top_vs_random.json",
+    "sae_predictor": "compare_sae_top_vs_random.json",
+}
+COMPARE_STATS = ("rows", "supervised_tokens", "token_weighted", "per_example",
+                 "fraction_rows_a_better", "per_category")
+EVAL_BASE_FILE = "eval_base.json"
+EVAL_FILES = {  # continuation adapter: eval_loss.py's result in a seed folder
+    "top_k": "eval_top_k.json", "matched_random_k": "eval_matched_random_k.json",
+    "sae_top_k": "eval_sae_top_k.json", "sae_matched_random_k": "eval_sae_matched_random_k.json",
 }
 SCORES_FILE = Path("attribution") / "train_scores.jsonl"
 SCORE_SUMMARY_FILE = Path("attribution") / "summary.json"
@@ -88,66 +96,40 @@ TABOO_FILE = Path("eval_words.json")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", required=True,
-                   help="the run folder: a seed folder itself, or the parent of seed_*/ folders")
+    p.add_argument("--run-dir", required=True, help="the recipe's run folder (--run-dir)")
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seed-dirs", nargs="+", default=None, metavar="DIR",
                        help="explicit seed folders (paths as given, not under --run-dir)")
     seeds.add_argument("--seeds-glob", default="seed_*",
-                       help="seed folders under --run-dir (default: %(default)s); when none "
-                            "match, --run-dir itself is the one seed")
+                       help="seed folders under --run-dir (default: %(default)s)")
     p.add_argument("--output-dir", default=None,
                    help="report.md, report.json, *.png (default: <run-dir>/report)")
-    p.add_argument("--column", choices=["finetuned", "base"], default="finetuned",
-                   help="which losses of the per-example files to compare (default: finetuned)")
-    p.add_argument("--bootstrap", type=int, default=10000,
-                   help="bootstrap resamples for the SmolTalk CIs (default: %(default)s)")
-    p.add_argument("--bootstrap-seed", type=int, default=0,
-                   help="bootstrap seed (default: %(default)s)")
-    args = p.parse_args(argv)
-    if args.bootstrap < 1:
-        p.error("--bootstrap must be at least 1")
-    return args
+    return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------------------------------------
-# statistics
+# statistics (the paired eval-loss deltas are compare_evals.py's, read from its output)
 
 
 def auc_mann_whitney(positives, negatives) -> float | None:
-    """P(a random positive scores above a random negative), ties counted 1/2 (= ROC AUC)."""
-    import numpy as np
+    """P(a random positive scores above a random negative), ties counted 1/2: the ROC AUC
+    (= Mann-Whitney U / (n_pos n_neg)), from sklearn."""
+    from sklearn.metrics import roc_auc_score
 
-    pos = np.asarray(positives, dtype=float)
-    neg = np.asarray(negatives, dtype=float)
-    if len(pos) == 0 or len(neg) == 0:
+    if len(positives) == 0 or len(negatives) == 0:
         return None
-    values = np.concatenate([pos, neg])
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values))
-    sorted_values = values[order]
-    start = 0
-    while start < len(values):  # average ranks (1-based) over runs of ties
-        end = start
-        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
-            end += 1
-        ranks[order[start:end + 1]] = (start + end) / 2 + 1
-        start = end + 1
-    u = ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
-    return float(u / (len(pos) * len(neg)))
+    labels = [1] * len(positives) + [0] * len(negatives)
+    return float(roc_auc_score(labels, [*positives, *negatives]))
 
 
 def spearman(x, y) -> float | None:
     import numpy as np
+    from scipy.stats import spearmanr
 
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if len(x) < 3:
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:  # undefined: scipy would warn, return nan
         return None
-    rx = np.argsort(np.argsort(x, kind="stable"), kind="stable")
-    ry = np.argsort(np.argsort(y, kind="stable"), kind="stable")
-    if rx.std() == 0 or ry.std() == 0:
-        return None
-    return float(np.corrcoef(rx, ry)[0, 1])
+    return float(spearmanr(x, y)[0])
 
 
 def jaccard(a: set, b: set) -> float | None:
@@ -165,20 +147,7 @@ def pooled_mcnemar(tests: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# reading
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path) as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise PipelineError(f"{path} line {line_number} is not JSON: {err.msg}")
-    return rows
+# reading the layout
 
 
 def seed_sort_key(path: Path):
@@ -201,16 +170,33 @@ def find_seed_dirs(args) -> list[Path]:
     if not run_dir.is_dir():
         raise PipelineError(f"run folder {run_dir} does not exist")
     dirs = sorted((d for d in run_dir.glob(args.seeds_glob) if d.is_dir()), key=seed_sort_key)
-    return dirs or [run_dir]
+    if not dirs:
+        raise PipelineError(f"nothing to report in {run_dir}: no seed folders matching "
+                            f"{args.seeds_glob} (a recipe writes <run_dir>/seed_<s>/)")
+    return dirs
 
 
-def manifest_of(seed_dir: Path, run_dir: Path) -> Path | None:
-    """The seed folder's manifest.json, else --run-dir's (a runner that splits once and repeats
-    only attribution/training per seed keeps the manifest there)."""
-    for path in (seed_dir / "manifest.json", run_dir / "manifest.json"):
+def split_file(seed_dir: Path, run_dir: Path, name: str) -> Path | None:
+    """A file of the seed's split: in the seed folder (per_seed_split = true), else in the run
+    folder (the split made once, the seeds repeat the rest)."""
+    for path in (seed_dir / name, run_dir / name):
         if path.is_file():
             return path
     return None
+
+
+def manifest_of(seed_dir: Path, run_dir: Path) -> Path | None:
+    return split_file(seed_dir, run_dir, "manifest.json")
+
+
+@functools.lru_cache(maxsize=None)
+def base_eval(path: Path) -> dict:
+    """eval_base.json, read once per split however many seeds share it."""
+    result = read_json(path, "base eval")
+    return {"eval_base": str(path),
+            "base_model": (result.get("base") or {}).get("loss"),
+            "base_adapter": (result.get("finetuned") or {}).get("loss"),
+            "eval_rows": result.get("num_eval_rows")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -228,6 +214,21 @@ def train_base_corruption(seed_dir: Path, run_dir: Path) -> dict | None:
     return dict(zip(split["row_id"], map(bool, split["corrupted"])))
 
 
+def read_comparison(path: Path) -> dict:
+    result = read_json(path, "comparison")
+    missing = [key for key in COMPARE_STATS if key not in result]
+    if missing:
+        raise PipelineError(f"{path} has no {missing[0]}: not compare_evals.py's output")
+    return result
+
+
+def pooled_labels(pooled: dict) -> list[str]:
+    """The seed folders a compare_evals.py result covers (one pair: the folder of its --a)."""
+    if "pooled_from" in pooled:
+        return [p["label"] for p in pooled["pooled_from"]]
+    return [Path(pooled["a"]).parent.name] if "a" in pooled else []
+
+
 def safe_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", label)
 
@@ -236,35 +237,62 @@ def safe_name(label: str) -> str:
 # sections
 
 
-def smoltalk_section(seeds: dict[str, Path], args) -> dict:
-    out = {}
-    for name, (file_a, file_b) in COMPARISONS.items():
-        per_seed, pooled_a, pooled_b = {}, {}, {}
-        for label, folder in seeds.items():
-            if not ((folder / file_a).is_file() and (folder / file_b).is_file()):
-                continue
-            a = read_per_example(str(folder / file_a), args.column)
-            b = read_per_example(str(folder / file_b), args.column)
-            per_seed[label] = paired_deltas(a, b, args.column, args.bootstrap, args.bootstrap_seed)
-            pooled_a.update({f"{label}/{k}": v for k, v in a.items()})
-            pooled_b.update({f"{label}/{k}": v for k, v in b.items()})
-        if not per_seed:
-            continue
-        pooled = paired_deltas(pooled_a, pooled_b, args.column, args.bootstrap,
-                               args.bootstrap_seed)
-        deltas = [r["token_weighted"]["delta"] for r in per_seed.values()]
-        pooled["over_seeds"] = {
-            "seeds": len(deltas),
+def over_seeds(per_seed: dict) -> dict:
+    deltas = [r["token_weighted"]["delta"] for r in per_seed.values()]
+    return {"seeds": len(deltas),
             "mean_token_weighted_delta": sum(deltas) / len(deltas),
             "mean_per_example_delta": sum(r["per_example"]["delta"] for r in per_seed.values())
                                       / len(deltas),
-            "seeds_a_better_token_weighted": sum(d < 0 for d in deltas),
-        }
-        out[name] = {"a": file_a, "b": file_b, "column": args.column, "per_seed": per_seed,
+            "seeds_a_better_token_weighted": sum(d < 0 for d in deltas)}
+
+
+def smoltalk_section(seeds: dict[str, Path], run_dir: Path) -> dict:
+    """Per comparison: the seeds' compare_evals.py results and the run folder's pooled one; the
+    pooled entry always holds the over-seeds summary, and compare_evals.py's numbers when its
+    file pools exactly these seeds."""
+    out = {}
+    for name, file in COMPARISONS.items():
+        results = {label: read_comparison(folder / file) for label, folder in seeds.items()
+                   if (folder / file).is_file()}
+        if not results:
+            continue
+        first = next(iter(results.values()))
+        pooled = {"over_seeds": over_seeds(results)}
+        pooled_path = run_dir / file
+        if pooled_path.is_file():
+            pooled_result = read_comparison(pooled_path)
+            if sorted(pooled_labels(pooled_result)) == sorted(results):
+                pooled.update({key: pooled_result[key] for key in COMPARE_STATS},
+                              source=str(pooled_path))
+            else:
+                covered = ", ".join(pooled_labels(pooled_result))
+                pooled["skipped"] = f"{pooled_path} pools {covered}, not the seeds reported"
+        out[name] = {"file": file, "a": Path(first.get("a", "A")).name,
+                     "b": Path(first.get("b", "B")).name, "column": first.get("column"),
+                     "bootstrap": first.get("bootstrap"),
+                     "per_seed": {label: {key: r[key] for key in COMPARE_STATS}
+                                  for label, r in results.items()},
                      "pooled": pooled,
-                     "pooling": "paired rows of all seeds concatenated (row ids prefixed by the "
-                                "seed), compare_evals.paired_deltas over the pool"}
+                     "pooling": "compare_evals.py over the paired rows of all seeds (row ids "
+                                "prefixed by the seed folder), bootstrap over the pool"}
     return out
+
+
+def eval_loss_section(seeds: dict[str, Path], run_dir: Path) -> dict:
+    """Per seed: its split's base model and base adapter loss, and each continuation adapter's."""
+    per_seed = {}
+    for label, folder in seeds.items():
+        entry = {}
+        base_path = split_file(folder, run_dir, EVAL_BASE_FILE)
+        if base_path is not None:
+            entry.update(base_eval(base_path))
+        for key, name in EVAL_FILES.items():
+            if (folder / name).is_file():
+                entry[key] = (read_json(folder / name, "eval result").get("finetuned")
+                              or {}).get("loss")
+        if entry:
+            per_seed[label] = entry
+    return per_seed
 
 
 def taboo_section(seeds: dict[str, Path]) -> dict:
@@ -305,6 +333,7 @@ def taboo_section(seeds: dict[str, Path]) -> dict:
               for (a, b), tests in pairs.items()]
     return {"per_seed": per_seed, "pooled_mcnemar": pooled,
             "pooling": "exact McNemar on the discordant counts summed over seeds"}
+
 
 
 def attribution_section(seeds: dict[str, Path], run_dir: Path) -> tuple[dict, dict]:
@@ -417,7 +446,8 @@ def plot_smoltalk(path: Path, smoltalk: dict) -> None:
     for name, comp in smoltalk.items():
         for label, result in comp["per_seed"].items():
             entries.append((f"{name}: {label}", result))
-        entries.append((f"{name}: pooled", comp["pooled"]))
+        if "token_weighted" in comp["pooled"]:
+            entries.append((f"{name}: pooled", comp["pooled"]))
     fig, axes = plt.subplots(1, 2, figsize=(11, 1.2 + 0.45 * len(entries)), squeeze=False)
     for ax, key in zip(axes[0], ("token_weighted", "per_example")):
         for y, (label, result) in enumerate(entries):
@@ -526,72 +556,100 @@ def table(header: list[str], rows: list[list]) -> list[str]:
     return lines + [""]
 
 
-def render_markdown(report: dict, plots: dict[str, str]) -> str:
-    lines = [f"# Report: {report['run_dir']}", "",
-             "Seeds: " + ", ".join(f"`{k}` ({v})" for k, v in report["seeds"].items()), ""]
-    smoltalk = report["smoltalk"]
-    lines += ["## SmolTalk: top-k vs matched random (eval loss)", ""]
-    if not smoltalk:
-        lines += ["No per-example eval files found.", ""]
-    for name, comp in smoltalk.items():
-        lines += [f"### {name} selection: `{comp['a']}` minus `{comp['b']}`", "",
-                  "Delta = A - B in NLL per token (< 0: the selected subset is better); 95% "
-                  "paired bootstrap CI over eval rows; * = CI excludes 0.", ""]
-        rows = []
-        for label, r in list(comp["per_seed"].items()) + [("pooled", comp["pooled"])]:
-            rows.append([label, r["rows"], r["supervised_tokens"], ci(r["token_weighted"]),
-                         ci(r["per_example"]), f"{r['fraction_rows_a_better']:.3f}"])
-        lines += table(["seed", "rows", "tokens", "token-weighted delta [95% CI]",
-                        "per-example delta [95% CI]", "frac rows A better"], rows)
-        over = comp["pooled"]["over_seeds"]
-        lines += [f"Pooled = all seeds' paired rows concatenated (bootstrap over rows; seed "
-                  f"variance not included). Mean of per-seed token-weighted deltas "
-                  f"{over['mean_token_weighted_delta']:+.5f}; top-k better in "
-                  f"{over['seeds_a_better_token_weighted']}/{over['seeds']} seeds.", ""]
-        seeds = list(comp["per_seed"])
-        categories = sorted(comp["pooled"]["per_category"])
-        if categories:
-            rows = []
-            for cat in categories:
-                pooled = comp["pooled"]["per_category"][cat]
-                rows.append([cat, pooled["rows"], fmt(pooled["token_weighted_delta"], 5, True)]
-                            + [fmt(comp["per_seed"][s]["per_category"].get(cat, {})
-                                   .get("token_weighted_delta"), 5, True) for s in seeds])
-            lines += ["Per-category token-weighted delta:", ""]
-            lines += table(["category", "rows (pooled)", "pooled"] + seeds, rows)
+def render_header(report: dict) -> list[str]:
+    return [f"# Report: {report['run_dir']}", "",
+            "Seeds: " + ", ".join(f"`{k}` ({v})" for k, v in report["seeds"].items()), ""]
+
+
+def render_comparison(name: str, comp: dict) -> list[str]:
+    lines = [f"### {name} selection: `{comp['a']}` minus `{comp['b']}`", "",
+             "Delta = A - B in NLL per token (< 0: the selected subset is better); 95% "
+             "paired bootstrap CI over eval rows (compare_evals.py); * = CI excludes 0.", ""]
+    pooled = comp["pooled"]
+    entries = list(comp["per_seed"].items())
+    if "token_weighted" in pooled:
+        entries.append(("pooled", pooled))
+    rows = [[label, r["rows"], r["supervised_tokens"], ci(r["token_weighted"]),
+             ci(r["per_example"]), f"{r['fraction_rows_a_better']:.3f}"] for label, r in entries]
+    lines += table(["seed", "rows", "tokens", "token-weighted delta [95% CI]",
+                    "per-example delta [95% CI]", "frac rows A better"], rows)
+    over = pooled["over_seeds"]
+    pooled_note = ("Pooled = all seeds' paired rows concatenated (bootstrap over rows; seed "
+                   "variance not included). " if "token_weighted" in pooled
+                   else f"No pooled comparison: {pooled.get('skipped', 'not found')}. ")
+    lines += [f"{pooled_note}Mean of per-seed token-weighted deltas "
+              f"{over['mean_token_weighted_delta']:+.5f}; top-k better in "
+              f"{over['seeds_a_better_token_weighted']}/{over['seeds']} seeds.", ""]
+    return lines + render_per_category(comp)
+
+
+def render_per_category(comp: dict) -> list[str]:
+    seeds = list(comp["per_seed"])
+    pooled = comp["pooled"].get("per_category", {})
+    categories = sorted(set(pooled) | {c for s in seeds
+                                       for c in comp["per_seed"][s]["per_category"]})
+    if not categories:
+        return []
+    rows = [[cat, (pooled.get(cat) or {}).get("rows", "n/a"),
+             fmt((pooled.get(cat) or {}).get("token_weighted_delta"), 5, True)]
+            + [fmt(comp["per_seed"][s]["per_category"].get(cat, {}).get("token_weighted_delta"),
+                   5, True) for s in seeds]
+            for cat in categories]
+    return (["Per-category token-weighted delta:", ""]
+            + table(["category", "rows (pooled)", "pooled"] + seeds, rows))
+
+
+def render_eval_losses(losses: dict) -> list[str]:
+    if not losses:
+        return []
+    columns = [("base_model", "base model"), ("base_adapter", "base adapter"),
+               ("top_k", "top-k"), ("matched_random_k", "random-k"),
+               ("sae_top_k", "SAE top-k"), ("sae_matched_random_k", "SAE random-k")]
+    shown = [(key, head) for key, head in columns if any(key in e for e in losses.values())]
+    rows = [[label] + [fmt(e.get(key)) for key, _ in shown] for label, e in losses.items()]
+    return (["Eval loss (NLL per supervised token; base model and base adapter from the split's "
+             "eval_base.json, computed once per split):", ""]
+            + table(["seed"] + [head for _, head in shown], rows))
+
+
+def render_smoltalk(report: dict, plots: dict[str, str]) -> list[str]:
+    lines = ["## SmolTalk: top-k vs matched random (eval loss)", ""]
+    if not report["smoltalk"]:
+        lines += [report["smoltalk_missing"], ""]
+    for name, comp in report["smoltalk"].items():
+        lines += render_comparison(name, comp)
     if "smoltalk" in plots:
         lines += [f"![SmolTalk deltas]({plots['smoltalk']})", ""]
+    return lines + render_eval_losses(report["eval_loss"])
 
-    taboo = report["taboo"]
-    lines += ["## Taboo: word-guessing success", ""]
+
+def render_taboo(taboo: dict, plots: dict[str, str]) -> list[str]:
+    lines = ["## Taboo: word-guessing success", ""]
     if not taboo:
-        lines += ["No eval_words.json found.", ""]
-    else:
-        models = sorted({m for s in taboo["per_seed"].values() for m in s["models"]})
-        rows = []
-        for label, seed in taboo["per_seed"].items():
-            rows.append([label, seed["num_rows"], seed["num_words"]]
-                        + [seed["models"][m]["summary"] if m in seed["models"] else "n/a"
-                           for m in models])
-        lines += ["Successes / eval rows per model (eval_words.py's form); words = distinct "
-                  "target words among the rows.", ""]
-        lines += table(["seed", "rows", "words"] + models, rows)
-        rows = []
-        for label, seed in taboo["per_seed"].items():
-            for t in seed["mcnemar"]:
-                rows.append([label, f"{t['model_a']} vs {t['model_b']}", t["a_success_b_fail"],
-                             t["a_fail_b_success"], f"{t['p_value']:.4g}"])
-        for t in taboo["pooled_mcnemar"]:
-            rows.append([f"pooled ({t['seeds']} seed(s))", f"{t['model_a']} vs {t['model_b']}",
-                         t["a_success_b_fail"], t["a_fail_b_success"], f"{t['p_value']:.4g}"])
-        lines += ["Exact McNemar (two-sided binomial on discordant rows; b = only the first "
-                  "model right, c = only the second). Pooled: b and c summed over seeds.", ""]
-        lines += table(["seed", "pair", "b", "c", "p"], rows)
-        if "taboo" in plots:
-            lines += [f"![Taboo]({plots['taboo']})", ""]
+        return lines + ["No eval_words.json found.", ""]
+    models = sorted({m for s in taboo["per_seed"].values() for m in s["models"]})
+    rows = [[label, seed["num_rows"], seed["num_words"]]
+            + [seed["models"][m]["summary"] if m in seed["models"] else "n/a" for m in models]
+            for label, seed in taboo["per_seed"].items()]
+    lines += ["Successes / eval rows per model (eval_words.py's form); words = distinct "
+              "target words among the rows.", ""]
+    lines += table(["seed", "rows", "words"] + models, rows)
+    rows = [[label, f"{t['model_a']} vs {t['model_b']}", t["a_success_b_fail"],
+             t["a_fail_b_success"], f"{t['p_value']:.4g}"]
+            for label, seed in taboo["per_seed"].items() for t in seed["mcnemar"]]
+    rows += [[f"pooled ({t['seeds']} seed(s))", f"{t['model_a']} vs {t['model_b']}",
+              t["a_success_b_fail"], t["a_fail_b_success"], f"{t['p_value']:.4g}"]
+             for t in taboo["pooled_mcnemar"]]
+    lines += ["Exact McNemar (two-sided binomial on discordant rows; b = only the first "
+              "model right, c = only the second). Pooled: b and c summed over seeds.", ""]
+    lines += table(["seed", "pair", "b", "c", "p"], rows)
+    if "taboo" in plots:
+        lines += [f"![Taboo]({plots['taboo']})", ""]
+    return lines
 
-    attribution = report["attribution"]
-    lines += ["## Attribution diagnostics", ""]
+
+def render_attribution(attribution: dict, plots: dict[str, str]) -> list[str]:
+    lines = ["## Attribution diagnostics", ""]
     if not attribution["per_seed"]:
         lines += ["No attribution/train_scores.jsonl or sae_predictor/row_scores.jsonl found.",
                   ""]
@@ -615,31 +673,37 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
     if sae_rows:
         lines += ["SAE predictor (out-of-fold) vs attribution rank:", ""]
         lines += table(["seed", "rows", "Spearman"], sae_rows)
-    for key, path in plots.items():
-        if key.startswith(("scores:", "sae:")):
-            lines += [f"![{key}]({path})", ""]
+    return lines + [line for key, path in plots.items() if key.startswith(("scores:", "sae:"))
+                    for line in (f"![{key}]({path})", "")]
 
-    planted = report["planted_signal"]
-    lines += ["## Planted signal (corrupted train_base rows)", ""]
+
+def render_planted(planted: dict) -> list[str]:
+    lines = ["## Planted signal (corrupted train_base rows)", ""]
     if not planted:
-        lines += ["No `corrupted` column in any seed's train_base.", ""]
-    else:
-        lines += ["AUC: how well the score ranks clean rows (positive) above corrupted ones "
-                  "(0.5 = chance, 1 = perfect).", ""]
-        rows = []
-        for label, p in planted.items():
-            att = p.get("attribution", {})
-            sae = p.get("sae_predictor", {})
-            rows.append([label, f"{p['corrupted_rows']}/{p['train_base_rows']}",
-                         fmt(att.get("auc_clean_vs_corrupted")),
-                         fmt(sae.get("auc_clean_vs_corrupted")),
-                         f"{att['corrupted_in_top_k']}/{att['top_k']}" if att else "n/a",
-                         f"{att['corrupted_in_matched_random_k']}/{att['matched_random_k']}"
-                         if att else "n/a",
-                         fmt(att.get("expected_by_chance"), 1)])
-        lines += table(["seed", "corrupted", "AUC attribution", "AUC SAE predictor",
-                        "corrupted in top-k", "corrupted in random-k", "expected by chance"],
-                       rows)
+        return lines + ["No `corrupted` column in any seed's train_base.", ""]
+    lines += ["AUC: how well the score ranks clean rows (positive) above corrupted ones "
+              "(0.5 = chance, 1 = perfect).", ""]
+    rows = []
+    for label, p in planted.items():
+        att = p.get("attribution", {})
+        sae = p.get("sae_predictor", {})
+        rows.append([label, f"{p['corrupted_rows']}/{p['train_base_rows']}",
+                     fmt(att.get("auc_clean_vs_corrupted")),
+                     fmt(sae.get("auc_clean_vs_corrupted")),
+                     f"{att['corrupted_in_top_k']}/{att['top_k']}" if att else "n/a",
+                     f"{att['corrupted_in_matched_random_k']}/{att['matched_random_k']}"
+                     if att else "n/a",
+                     fmt(att.get("expected_by_chance"), 1)])
+    return lines + table(["seed", "corrupted", "AUC attribution", "AUC SAE predictor",
+                          "corrupted in top-k", "corrupted in random-k", "expected by chance"],
+                         rows)
+
+
+def render_markdown(report: dict, plots: dict[str, str]) -> str:
+    lines = (render_header(report) + render_smoltalk(report, plots)
+             + render_taboo(report["taboo"], plots)
+             + render_attribution(report["attribution"], plots)
+             + render_planted(report["planted_signal"]))
     if report["not_found"]:
         lines += ["## Not found", ""] + [f"- {item}" for item in report["not_found"]] + [""]
     return "\n".join(lines)
@@ -656,63 +720,93 @@ def strip_private(obj):
     return obj
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    train_base_corruption.cache_clear()
-    import matplotlib
-
-    matplotlib.use("Agg")
-    seed_dirs = find_seed_dirs(args)
-    seeds = {d.name: d for d in seed_dirs}
-    output_dir = Path(args.output_dir) if args.output_dir else Path(args.run_dir) / "report"
+def check_output_dir(output_dir: Path) -> None:
     if (output_dir.exists() and any(output_dir.iterdir())
             and not (output_dir / "report.json").is_file()):
         raise PipelineError(f"output folder {output_dir} is not empty and holds no report.json: "
                             "refusing to replace it")
 
-    smoltalk = smoltalk_section(seeds, args)
-    taboo = taboo_section(seeds)
-    attribution, planted = attribution_section(seeds, Path(args.run_dir))
-    if not (smoltalk or taboo or attribution["per_seed"] or planted):
-        raise PipelineError(f"nothing to report in {', '.join(map(str, seed_dirs))}: no "
-                            "per-example eval files, eval_words.json, attribution scores, SAE "
-                            "predictor rows or corrupted train_base")
-    not_found = []
-    for label, folder in seeds.items():
-        for rel in [SCORES_FILE, SAE_ROWS_FILE, TABOO_FILE,
-                    *[Path(f) for pair in COMPARISONS.values() for f in pair]]:
-            if not (folder / rel).is_file():
-                not_found.append(f"{label}: {rel}")
 
+def smoltalk_missing(seeds: dict[str, Path]) -> str:
+    """Why there is no SmolTalk table: no eval files at all, or the compare steps did not run."""
+    per_example = [f for folder in seeds.values() for f in folder.glob("eval_*.per_example.jsonl")]
+    if not per_example:
+        return "No per-example eval files found."
+    return (f"Per-example eval files ({per_example[0].name}, ...) but no "
+            f"{' or '.join(COMPARISONS.values())}: run the recipe's compare steps.")
+
+
+def not_found(seeds: dict[str, Path], run_dir: Path, smoltalk: dict) -> list[str]:
+    missing = []
+    for label, folder in seeds.items():
+        for rel in [SCORES_FILE, SAE_ROWS_FILE, TABOO_FILE, *map(Path, COMPARISONS.values())]:
+            if not (folder / rel).is_file():
+                missing.append(f"{label}: {rel}")
+        evaluated = any((folder / name).is_file() for name in EVAL_FILES.values())
+        if evaluated and split_file(folder, run_dir, EVAL_BASE_FILE) is None:
+            missing.append(f"{label}: {EVAL_BASE_FILE} (in the seed or the run folder)")
+    for comp in smoltalk.values():
+        if "token_weighted" not in comp["pooled"]:
+            missing.append(f"pooled {run_dir / comp['file']}"
+                           + (f" ({comp['pooled']['skipped']})" if "skipped" in comp["pooled"]
+                              else ""))
+    return missing
+
+
+def collect(seeds: dict[str, Path], run_dir: Path) -> dict:
+    smoltalk = smoltalk_section(seeds, run_dir)
+    taboo = taboo_section(seeds)
+    attribution, planted = attribution_section(seeds, run_dir)
+    if not (smoltalk or taboo or attribution["per_seed"] or planted):
+        raise PipelineError(f"nothing to report in {', '.join(map(str, seeds.values()))}: no "
+                            "compare_*.json, eval_words.json, attribution scores, SAE predictor "
+                            "rows or corrupted train_base")
+    return {"run_dir": str(run_dir),
+            "seeds": {label: str(folder) for label, folder in seeds.items()},
+            "smoltalk": smoltalk, "smoltalk_missing": smoltalk_missing(seeds),
+            "eval_loss": eval_loss_section(seeds, run_dir), "taboo": taboo,
+            "attribution": attribution, "planted_signal": planted,
+            "not_found": not_found(seeds, run_dir, smoltalk)}
+
+
+def write_plots(staged: Path, report: dict, seeds: dict[str, Path], run_dir: Path) -> dict:
+    plots = {}
+    if report["smoltalk"]:
+        plots["smoltalk"] = "smoltalk_deltas.png"
+        plot_smoltalk(staged / plots["smoltalk"], report["smoltalk"])
+    if report["taboo"]:
+        plots["taboo"] = "taboo_success.png"
+        plot_taboo(staged / plots["taboo"], report["taboo"])
+    for label, entry in report["attribution"]["per_seed"].items():
+        if "_rows" in entry:
+            name = f"scores_{safe_name(label)}.png"
+            corruption = (train_base_corruption(seeds[label], run_dir)
+                          if label in report["planted_signal"] else None)
+            plot_scores(staged / name, label, entry, corruption)
+            plots[f"scores:{label}"] = name
+        if "sae_predictor" in entry and entry["sae_predictor"]["rows"]:
+            name = f"sae_scatter_{safe_name(label)}.png"
+            plot_sae(staged / name, label, entry["sae_predictor"])
+            plots[f"sae:{label}"] = name
+    return plots
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    train_base_corruption.cache_clear()
+    base_eval.cache_clear()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    run_dir = Path(args.run_dir)
+    seeds = {d.name: d for d in find_seed_dirs(args)}
+    output_dir = Path(args.output_dir) if args.output_dir else run_dir / "report"
+    check_output_dir(output_dir)
+    collected = collect(seeds, run_dir)
     staged = staging_dir(output_dir)
     try:
-        plots = {}
-        if smoltalk:
-            plots["smoltalk"] = "smoltalk_deltas.png"
-            plot_smoltalk(staged / plots["smoltalk"], smoltalk)
-        if taboo:
-            plots["taboo"] = "taboo_success.png"
-            plot_taboo(staged / plots["taboo"], taboo)
-        for label, entry in attribution["per_seed"].items():
-            if "_rows" in entry:
-                name = f"scores_{safe_name(label)}.png"
-                corruption = (train_base_corruption(seeds[label], Path(args.run_dir))
-                              if label in planted else None)
-                plot_scores(staged / name, label, entry, corruption)
-                plots[f"scores:{label}"] = name
-            if "sae_predictor" in entry and entry["sae_predictor"]["rows"]:
-                name = f"sae_scatter_{safe_name(label)}.png"
-                plot_sae(staged / name, label, entry["sae_predictor"])
-                plots[f"sae:{label}"] = name
-        report = strip_private({
-            "run_dir": str(Path(args.run_dir)),
-            "seeds": {label: str(folder) for label, folder in seeds.items()},
-            "smoltalk": smoltalk, "taboo": taboo, "attribution": attribution,
-            "planted_signal": planted, "plots": plots, "not_found": not_found,
-            "settings": {"column": args.column, "bootstrap": args.bootstrap,
-                         "bootstrap_seed": args.bootstrap_seed},
-            "provenance": provenance(seed=args.bootstrap_seed),
-        })
+        plots = write_plots(staged, collected, seeds, run_dir)
+        report = strip_private({**collected, "plots": plots, "provenance": provenance()})
         (staged / "report.md").write_text(render_markdown(report, plots))
         write_json_atomic(staged / "report.json", report)
         publish_dir(staged, output_dir)

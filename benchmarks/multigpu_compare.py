@@ -1,4 +1,5 @@
-"""One process vs N processes, step by step: speed-up and agreement, from device/multigpu.sh's run.
+"""One process vs N processes, step by step: speed-up and agreement, from the run of
+`BENCH=multigpu device/bench.sh`.
 
   benchmarks/multigpu_compare.py --run-dir runs/multigpu --log /tmp/out/log.txt \
       --output-dir runs/multigpu/compare
@@ -26,7 +27,8 @@ from pipeline import PipelineError, read_json, read_jsonl, run_main, write_json_
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", default="runs/multigpu", help="device/multigpu.sh's run folder")
+    p.add_argument("--run-dir", default="runs/multigpu",
+                   help="the run folder of BENCH=multigpu device/bench.sh")
     p.add_argument("--log", default=None,
                    help="device/env.sh log with STEP_WALL lines (default: no process wall-clock)")
     p.add_argument("--output-dir", default=None,

@@ -6,7 +6,7 @@
   fwd+bwd floor    a plain bf16 forward + backward of the same LoRA model over the same token
                    batches (bergson's own batch allocation), no gradient hooks, no scoring
 
-    uv run benchmarks/score_speed.py --score-dir runs/smoltalk_v1/attribution
+    uv run benchmarks/score_speed.py --scores-from runs/smoltalk_v1/scores
 
 score.py must have been run with --keep-gradients (the query index is reused). Prints a markdown
 table and writes score_speed.json next to it (or --output-json).
@@ -30,8 +30,10 @@ from pipeline import (PipelineError, load_model_with_adapter, pick_dtype, proven
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--score-dir", required=True, help="score.py --output-dir (--keep-gradients)")
-    p.add_argument("--output-json", default=None, help="default: <score-dir>/score_speed.json")
+    p.add_argument("--scores-from", "--score-dir", dest="score_dir", required=True, metavar="DIR",
+                   help="a score.py output folder (its --output-dir, run with --keep-gradients); "
+                        "--score-dir is the old spelling")
+    p.add_argument("--output-json", default=None, help="default: <scores-from>/score_speed.json")
     p.add_argument("--floor-repeats", type=int, default=1, help="passes of the floor loop")
     return p.parse_args(argv)
 

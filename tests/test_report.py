@@ -1,6 +1,6 @@
 """report.py: statistics against hand-computed cases, and the whole report on fabricated run folders
-in the formats score.py, eval_loss.py, eval_words.py, train_bidir_classifier.py and dataset.py
-write."""
+in the recipes' layout and the formats score.py, eval_loss.py, compare_evals.py, eval_words.py,
+train_bidir_classifier.py and dataset.py write."""
 
 import json
 
@@ -122,13 +122,22 @@ def fabricate_seed(folder, seed_index: int, taboo_top, taboo_random, loss_shift:
          "predicted_rank": N_ROWS - 1 - ranked.index(i) if SCORES[i] is not None else None,
          "fold": 0, "heldout_test": False, "refit_score": 0.0, "refit_rank": 1}
         for i in range(N_ROWS)])
-    # eval_loss.py per-example files: 4 eval rows of 2 tokens, top-k better by loss_shift/token
+    # eval_loss.py --skip-base per-example files and results: 4 eval rows of 2 tokens, top-k
+    # better by loss_shift/token; the split's base eval (eval_base.json) once, here per seed
     for name, shift in (("eval_top_k", loss_shift), ("eval_matched_random_k", 0.0)):
         write_jsonl(folder / f"{name}.per_example.jsonl", [
             {"row_id": f"test:{j}", "category": "math" if j < 2 else "coding",
-             "supervised_tokens": 2, "base_nll_sum": 4.0, "base_loss": 2.0,
-             "finetuned_nll_sum": 2.0 + 2 * shift, "finetuned_loss": 1.0 + shift}
+             "supervised_tokens": 2, "finetuned_nll_sum": 2.0 + 2 * shift,
+             "finetuned_loss": 1.0 + shift}
             for j in range(4)])
+        (folder / f"{name}.json").write_text(json.dumps(
+            {"num_eval_rows": 4, "finetuned": {"loss": 1.0 + shift}}))
+    (folder / "eval_base.json").write_text(json.dumps(
+        {"num_eval_rows": 4, "base": {"loss": 2.0}, "finetuned": {"loss": 1.5 + seed_index}}))
+    # compare_evals.py, the recipes' compare step
+    compare(folder / "eval_top_k.per_example.jsonl",
+            folder / "eval_matched_random_k.per_example.jsonl",
+            folder / "compare_top_vs_random.json")
     # eval_words.py
     def model_result(outcomes):
         successes = sum(outcomes)
@@ -147,16 +156,27 @@ def fabricate_seed(folder, seed_index: int, taboo_top, taboo_random, loss_shift:
             for m, o in outcomes.items()}}))
 
 
+def compare(a, b, output):
+    import compare_evals
+
+    compare_evals.main(["--a", str(a), "--b", str(b), "--output-json", str(output),
+                        "--bootstrap", "200"])
+
+
 @pytest.fixture(scope="module")
 def fabricated_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("report") / "run"
     fabricate_seed(run / "seed_1", 1, [True, True, True, False], [False, False, True, False], -0.1)
     fabricate_seed(run / "seed_2", 2, [True, True, False], [False, False, False], 0.1)
+    # the recipes' compare_pooled step
+    compare(run / "seed_*" / "eval_top_k.per_example.jsonl",
+            run / "seed_*" / "eval_matched_random_k.per_example.jsonl",
+            run / "compare_top_vs_random.json")
     return run
 
 
 def test_report_end_to_end(fabricated_run):
-    result = run_script("report.py", "--run-dir", fabricated_run, "--bootstrap", 200)
+    result = run_script("report.py", "--run-dir", fabricated_run)
     assert "wrote" in result.stdout
     out = fabricated_run / "report"
     report = json.loads((out / "report.json").read_text())
@@ -171,6 +191,11 @@ def test_report_end_to_end(fabricated_run):
     assert smol["pooled"]["over_seeds"]["seeds_a_better_token_weighted"] == 1
     assert set(smol["pooled"]["per_category"]) == {"math", "coding"}
     assert "sae_predictor" not in report["smoltalk"]  # no eval_sae_* files
+    assert smol["pooled"]["source"] == str(fabricated_run / "compare_top_vs_random.json")
+    losses = report["eval_loss"]
+    assert losses["seed_1"]["base_model"] == 2.0 and losses["seed_2"]["base_adapter"] == 3.5
+    assert losses["seed_1"]["top_k"] == pytest.approx(0.9)
+    assert losses["seed_2"]["matched_random_k"] == 1.0
 
     taboo = report["taboo"]
     assert taboo["per_seed"]["seed_1"]["models"]["top"]["summary"] == "3/4 = 0.7500"
@@ -208,7 +233,7 @@ def test_report_end_to_end(fabricated_run):
 
     md = (out / "report.md").read_text()
     for text in ("## SmolTalk", "token-weighted delta [95% CI]", "| seed_1 |", "| pooled |",
-                 "Per-category", "## Taboo", "3/4 = 0.7500", "top vs random", "pooled (2 seed(s))",
+                 "Per-category", "| base model | base adapter | top-k | random-k |", "## Taboo", "3/4 = 0.7500", "top vs random", "pooled (2 seed(s))",
                  "## Attribution diagnostics", "Jaccard", "## Planted signal", "0.8000"):
         assert text in md, text
     pngs = ["smoltalk_deltas.png", "taboo_success.png", "scores_seed_1.png", "scores_seed_2.png",
@@ -228,18 +253,21 @@ def test_report_seed_selection_and_rerun(fabricated_run, tmp_path):
     out = tmp_path / "only_one"
     for _ in range(2):
         report.main(["--run-dir", str(fabricated_run), "--seed-dirs",
-                     str(fabricated_run / "seed_2"), "--output-dir", str(out),
-                     "--bootstrap", "50"])
+                     str(fabricated_run / "seed_2"), "--output-dir", str(out)])
     single = json.loads((out / "report.json").read_text())
     assert list(single["seeds"]) == ["seed_2"] and single["attribution"]["top_k_jaccard"] == {}
+    # the run folder's pooled comparison covers seed_1 and seed_2: not shown for seed_2 alone
+    assert "token_weighted" not in single["smoltalk"]["attribution"]["pooled"]
+    assert "pools seed_1, seed_2" in single["smoltalk"]["attribution"]["pooled"]["skipped"]
     report.main(["--run-dir", str(fabricated_run), "--seeds-glob", "seed_1",
-                 "--output-dir", str(out), "--bootstrap", "50"])
+                 "--output-dir", str(out)])
     assert list(json.loads((out / "report.json").read_text())["seeds"]) == ["seed_1"]
 
 
 def test_report_shared_manifest_in_run_dir(fabricated_run, tmp_path):
-    """run_experiment.py with per_seed_split = false: one manifest in the run folder, per-seed
-    attribution in seed_<s>/: the planted signal is read from the run folder's manifest."""
+    """run_experiment.py with per_seed_split = false: one manifest and base eval in the run folder,
+    per-seed attribution in seed_<s>/: the planted signal and the base eval are read from the run
+    folder."""
     import shutil
 
     import report
@@ -248,30 +276,33 @@ def test_report_shared_manifest_in_run_dir(fabricated_run, tmp_path):
     shutil.copytree(fabricated_run / "seed_1", run / "seed_7")
     shutil.move(run / "seed_7" / "manifest.json", run / "manifest.json")
     shutil.move(run / "seed_7" / "data", run / "data")
-    report.main(["--run-dir", str(run), "--bootstrap", "50"])
+    shutil.move(run / "seed_7" / "eval_base.json", run / "eval_base.json")
+    report.main(["--run-dir", str(run)])
     result = json.loads((run / "report" / "report.json").read_text())
     planted = result["planted_signal"]["seed_7"]
     assert planted["manifest"] == str(run / "manifest.json")
+    assert result["eval_loss"]["seed_7"]["eval_base"] == str(run / "eval_base.json")
     assert planted["attribution"]["auc_clean_vs_corrupted"] == pytest.approx(0.8)
 
 
-def test_report_single_run_dir_and_partial_inputs(tmp_path):
-    """A run folder without seed_* is the one seed; only what exists is reported."""
+def test_report_single_seed_and_partial_inputs(tmp_path):
+    """A run folder with one seed folder holding only attribution scores: only what exists is
+    reported."""
     run = tmp_path / "smoltalk_real"
-    write_jsonl(run / "attribution" / "train_scores.jsonl", [
+    write_jsonl(run / "seed_42" / "attribution" / "train_scores.jsonl", [
         {"row_id": f"train:{i}", "score": float(i) if i else None, "rank": None,
          "num_tokens": 5, "num_supervised_tokens": 2, "in_top_k": i >= 8,
          "in_matched_random_k": i in (1, 2)} for i in range(10)])
     import report as report_script
 
-    report_script.main(["--run-dir", str(run), "--bootstrap", "50"])
+    report_script.main(["--run-dir", str(run)])
     report = json.loads((run / "report" / "report.json").read_text())
-    assert list(report["seeds"]) == ["smoltalk_real"]
+    assert list(report["seeds"]) == ["seed_42"]
     assert report["smoltalk"] == {} and report["taboo"] == {} and report["planted_signal"] == {}
-    assert report["attribution"]["per_seed"]["smoltalk_real"]["finite_coverage"] == 0.9
+    assert report["attribution"]["per_seed"]["seed_42"]["finite_coverage"] == 0.9
     md = (run / "report" / "report.md").read_text()
-    assert "No per-example eval files found." in md and "smoltalk_real: eval_words.json" in md
-    assert (run / "report" / "scores_smoltalk_real.png").stat().st_size > 1000
+    assert "No per-example eval files found." in md and "seed_42: eval_words.json" in md
+    assert (run / "report" / "scores_seed_42.png").stat().st_size > 1000
 
 
 def test_report_errors(tmp_path):
@@ -283,11 +314,17 @@ def test_report_errors(tmp_path):
     result = run_script("report.py", "--run-dir", tmp_path / "empty", expect_ok=False)
     assert result.returncode == 2 and result.stderr.startswith("error: nothing to report")
     assert len(result.stderr.strip().splitlines()) == 1
+    (tmp_path / "empty" / "seed_1").mkdir()  # a seed folder with nothing in it
+    with pytest.raises(PipelineError, match="nothing to report in .*seed_1: no compare_"):
+        report.main(["--run-dir", str(tmp_path / "empty")])
+    (tmp_path / "empty" / "seed_1" / "compare_top_vs_random.json").write_text('{"rows": 3}')
+    with pytest.raises(PipelineError, match="has no supervised_tokens: not compare_evals.py"):
+        report.main(["--run-dir", str(tmp_path / "empty")])
     with pytest.raises(PipelineError, match="does not exist"):
         report.main(["--run-dir", str(tmp_path / "missing")])
     # a non-empty folder that is not a report is never replaced
     run = tmp_path / "run"
-    write_jsonl(run / "attribution" / "train_scores.jsonl", [
+    write_jsonl(run / "seed_1" / "attribution" / "train_scores.jsonl", [
         {"row_id": "train:0", "score": 1.0, "rank": 1, "in_top_k": True,
          "in_matched_random_k": False}])
     (tmp_path / "precious").mkdir()
