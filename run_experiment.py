@@ -61,12 +61,34 @@ Commands run with the repository root as working directory. Errors (bad recipe, 
 --force step, a failing step) stop the runner with one `error:` line; a failing step's line
 names its log.
 
+Running steps at once (--jobs N, --gpus LIST). The plan is a DAG: a task (a step, for one seed)
+waits for every earlier task in the plan one of whose declared outputs is the same path as, lies
+inside, or contains one of its declared inputs or optional_inputs (globs match part by part); it
+also waits for an earlier task whose outputs overlap its outputs, or whose inputs its outputs would
+rewrite, so two steps never write one path at once and a step's inputs never change under it.
+A task starts when everything it waits for is done, at most N at a time; among ready tasks the
+earlier in recipe order goes first, so --jobs 1 (the default) runs exactly the recipe order.
+Slots: --gpus 0,1 gives one slot per listed id, and an id may repeat (--gpus 0,0,1: two steps at
+once on GPU 0, one on GPU 1); with --jobs N as well the list is cycled to N slots (--gpus 0
+--jobs 5: five slots on GPU 0; --gpus 0,1 --jobs 4: 0,1,0,1), and N below the list's length is
+an error (a listed GPU would go unused). A step runs with CUDA_VISIBLE_DEVICES set to its slot's
+id, the id as written (so it names a GPU in the runner's own numbering of the machine); without
+--gpus the runner sets nothing and every step sees what the runner sees. Each start and end is
+one `[runner]` line with the slot, its GPU and the clock time. With --jobs 1 the first failure
+stops the run, as above; with N > 1 a failure stops only the tasks that depend on it (directly or
+through others), the rest run on, and the run ends with exit 1 (2 if every failure was an input
+that was not there): one `error:` line per failed step, naming its log, each followed by a
+`skipped because <step> failed: ...` line listing the tasks left out for it. --dry-run prints
+each task's level in the DAG and the tasks it waits for. The state file is written only by the
+runner, from its one scheduling loop, atomically, after each success; commands.sh stays the
+sequential replay in recipe order.
+
 One runner per run dir: <run_dir>/.runner.lock (an flock, holding pid, host and start time)
 is taken before anything is written and removed at the end; a second runner on the same run dir
 stops with an error naming the holder. A lock left by a runner that died is taken over with a
 note. Steps run in the runner's process group (so `kill -- -PGID` stops both), and die with the
-runner however it ends: SIGTERM/SIGHUP stop the running step first, and a step gets SIGTERM from
-the kernel if the runner is killed outright (Linux PR_SET_PDEATHSIG). With the lock held, every
+runner however it ends: SIGTERM/SIGHUP stop the running steps first, and a step gets SIGTERM
+from the kernel if the runner is killed outright (Linux PR_SET_PDEATHSIG). With the lock held, every
 `.*.tmp` staging folder or file under the run dir was left by an earlier, killed run (its runner
 and steps are gone), so it is removed, with a note, before the first step.
 """
@@ -74,10 +96,12 @@ and steps are gone), so it is removed, with a note, before the first step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime as _dt
 import fcntl
 import fnmatch
+import functools
 import glob
 import hashlib
 import json
@@ -115,6 +139,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 STEP_STOP_GRACE_S = 10
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 STEP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+GPU_ID = re.compile(r"^(\d+|(GPU|MIG)-[A-Za-z0-9./-]+)$")  # what CUDA_VISIBLE_DEVICES accepts
+POLL_S = 0.05  # how often the runner looks at its running steps (--jobs > 1)
 
 
 class RunnerError(Exception):
@@ -132,6 +158,16 @@ class Stopped(BaseException):
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
+        self.running: list[str] | None = None  # with --jobs > 1: the steps it stopped
+
+
+class RunFailed(Exception):
+    """With --jobs > 1, steps failed while the others ran on: one `error:` line per failure,
+    each followed by the tasks left out because of it; exit 1 (2: only missing inputs)."""
+
+    def __init__(self, lines: list[str], code: int):
+        super().__init__("\n".join(lines))
+        self.lines, self.code = lines, code
 
 
 @dataclass
@@ -188,6 +224,13 @@ def parse_args(argv=None):
                         help="override one of the recipe's [vars] (repeatable)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the commands and whether each would run; run and write nothing")
+    parser.add_argument("--jobs", type=int, metavar="N",
+                        help="run up to N steps at once, each when the steps it needs are done "
+                             "(default: 1, or one per --gpus entry)")
+    parser.add_argument("--gpus", metavar="ID[,ID...]",
+                        help="GPU slots: each entry is one slot, an id may repeat (0,0,1); with "
+                             "--jobs N the list is cycled to N slots (--gpus 0 --jobs 5: five "
+                             "on GPU 0); each step runs with CUDA_VISIBLE_DEVICES=<its slot's id>")
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter that runs the scripts (default: this one, so `uv run` "
                              "and a bare python3 both work); commands.sh always shows "
@@ -506,14 +549,19 @@ def input_exists(pattern: str) -> bool:
 def may_write(output: str, pattern: str) -> bool:
     """Could a step that declares `output` create `pattern`: the same path, a path inside it, or
     a folder that will hold it. Globs are matched part by part over the shorter of the two."""
-    out_parts = Path(os.path.normpath(repo_path(output))).parts
-    in_parts = Path(os.path.normpath(repo_path(pattern))).parts
-    for out_part, in_part in zip(out_parts, in_parts):
+    for out_part, in_part in zip(path_parts(output), path_parts(pattern)):
         if in_part == "**":
             return True
-        if not fnmatch.fnmatchcase(out_part, in_part):
+        if out_part != in_part and not (glob.has_magic(in_part)
+                                         and fnmatch.fnmatchcase(out_part, in_part)):
             return False
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def path_parts(path: str) -> tuple[str, ...]:
+    # cached: the DAG compares every pair of tasks' paths (hundreds of tasks in a big recipe)
+    return Path(os.path.normpath(repo_path(path))).parts
 
 
 def check_inputs_declared(recipe: Recipe, tasks: list[Task]) -> None:
@@ -701,25 +749,26 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def run_task(task: Task, python: str, run_dir: Path) -> float:
+def start_task(task: Task, python: str, run_dir: Path,
+               gpu: str | None) -> tuple[subprocess.Popen, Path]:
     script = repo_path(task.argv[0])
     if not script.is_file():
         raise StepFailed(f"step {task.step}: script {task.argv[0]} does not exist")
     log_path = run_dir / "logs" / f"{task.log_name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    start = time.time()
-    with open(log_path, "w") as log:
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    with open(log_path, "w") as log:  # the step keeps its own copy of the file descriptor
         log.write(f"$ {shlex.join([python, *task.argv])}\n")
         log.flush()
         # the step stays in the runner's process group: a signal to the group reaches both
         step = subprocess.Popen([python, *task.argv], cwd=ROOT, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
-        try:
-            code = step.wait()
-        except BaseException:  # Ctrl-C, SIGTERM/SIGHUP (Stopped): the step goes first
-            stop_step(step)
-            raise
+    return step, log_path
+
+
+def check_finished(task: Task, code: int, log_path: Path) -> None:
     label = task.label
     if code != 0:
         raise StepFailed(f"step {label} failed with exit code {code}{last_error(log_path)}; "
@@ -728,7 +777,6 @@ def run_task(task: Task, python: str, run_dir: Path) -> float:
     if missing:
         raise StepFailed(f"step {label} exited 0 but did not write {', '.join(missing)}; "
                          f"log: {log_path}")
-    return time.time() - start
 
 
 def die_with_parent():
@@ -747,18 +795,6 @@ def die_with_parent():
     return preexec
 
 
-def stop_step(step: subprocess.Popen) -> None:
-    """SIGTERM (scripts clean up their staging on it), then SIGKILL after a grace period."""
-    if step.poll() is not None:
-        return
-    step.terminate()
-    try:
-        step.wait(STEP_STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        step.kill()
-        step.wait()
-
-
 def last_error(log_path: Path) -> str:
     """The script's own `error: ...` line, if it printed one (scripts end with it)."""
     lines = [l for l in log_path.read_text(errors="replace").splitlines() if l.strip()]
@@ -772,21 +808,240 @@ def record_success(state: dict, task: Task, fp: dict, wall_s: float, run_dir: Pa
     write_json_atomic(run_dir / STATE_FILE, state)
 
 
-def execute(recipe: Recipe, tasks: list[Task], forced: set[str], python: str) -> None:
-    run_dir = repo_path(recipe.run_dir)
-    state = load_state(run_dir)
-    for task in tasks:
-        if not (task.optional and not repo_path(task.argv[0]).is_file()):
-            check_inputs_present(task)
-        decision = decide(task, state, forced)
-        if decision.startswith("skip"):
-            print(f"[runner] {task.key}: {decision}", flush=True)
-            continue
-        print(f"[runner] {task.key}: {decision}: {shlex.join(task.argv)}", flush=True)
-        fp = fingerprint(task)  # inputs as they are before the step runs
-        wall_s = run_task(task, python, run_dir)
-        record_success(state, task, fp, wall_s, run_dir)
-        print(f"[runner] {task.key}: done in {wall_s:.1f} s", flush=True)
+@dataclass
+class Running:
+    task: Task
+    slot: int
+    step: subprocess.Popen
+    log_path: Path
+    fp: dict        # the inputs as they were when it started
+    start: float
+
+
+class Scheduler:
+    """Runs the tasks over the slots: a task starts when the tasks it waits for are done, the
+    earliest ready one in recipe order first. One thread starts, reaps and records every step:
+    the state file has one writer, and PR_SET_PDEATHSIG fires when the *thread* that started a
+    step ends, so steps must not be started from worker threads. Polling the running steps
+    (every POLL_S) is what lets a plain signal handler interrupt the wait at any moment."""
+
+    def __init__(self, recipe: Recipe, tasks: list[Task], forced: set[str], python: str,
+                 slots: list[str | None]):
+        self.tasks, self.forced, self.python, self.slots = tasks, forced, python, slots
+        self.run_dir = repo_path(recipe.run_dir)
+        self.state = load_state(self.run_dir)
+        self.deps = dependencies(tasks)
+        self.sequential = len(slots) == 1   # the first failure ends the run, as it always did
+        self.show_slots = not (self.sequential and slots[0] is None)
+        self.pending = list(range(len(tasks)))      # recipe order
+        self.done: set[int] = set()                  # succeeded or skipped
+        self.failed: dict[int, Exception] = {}
+        self.left_out: dict[int, set[int]] = {}     # task -> the failed tasks it needed
+        self.running: dict[int, Running] = {}
+        self.free = list(range(len(slots)))
+
+    def run(self) -> None:
+        try:
+            while self.pending or self.running:
+                self.reap()
+                self.leave_out_dependants()
+                self.dispatch()
+                if self.sequential and self.running:
+                    next(iter(self.running.values())).step.wait()
+                elif self.running:
+                    time.sleep(POLL_S)
+        except BaseException as err:  # a failure (--jobs 1), Ctrl-C, SIGTERM/SIGHUP (Stopped)
+            if isinstance(err, Stopped) and not self.sequential:
+                err.running = [run.task.key for run in self.running.values()]
+            self.stop_all()
+            raise
+        if self.failed:
+            code = 1 if any(isinstance(e, StepFailed) for e in self.failed.values()) else 2
+            raise RunFailed(self.failure_lines(), code)
+
+    def reap(self) -> None:
+        for i, run in list(self.running.items()):
+            code = run.step.poll()
+            if code is None:
+                continue
+            with signals_held():  # a SIGTERM now would lose a finished step's record
+                del self.running[i]
+                self.free.append(run.slot)
+                self.free.sort()
+                wall_s = time.time() - run.start
+                try:
+                    check_finished(run.task, code, run.log_path)
+                except StepFailed as err:
+                    self.fail(i, err, f"failed after {wall_s:.1f} s{self.where(run.slot)}; "
+                                      f"log: {run.log_path}")
+                    continue
+                record_success(self.state, run.task, run.fp, wall_s, self.run_dir)
+                self.done.add(i)
+            print(f"[runner] {run.task.key}: done in {wall_s:.1f} s{self.where(run.slot)}",
+                  flush=True)
+
+    def leave_out_dependants(self) -> None:
+        """Drop every pending task that needs a failed one (directly or through a dropped one);
+        one pass suffices since a task waits only for earlier ones."""
+        for i in list(self.pending):
+            causes = set()
+            for j in self.deps[i]:
+                causes |= {j} if j in self.failed else self.left_out.get(j, set())
+            if causes:
+                self.pending.remove(i)
+                self.left_out[i] = causes
+                names = ", ".join(self.tasks[j].key for j in sorted(causes))
+                print(f"[runner] {self.tasks[i].key}: skip (needs {names}, which failed)",
+                      flush=True)
+
+    def dispatch(self) -> None:
+        while self.free:
+            i = next((i for i in self.pending if all(j in self.done for j in self.deps[i])), None)
+            if i is None:
+                return
+            self.pending.remove(i)
+            task = self.tasks[i]
+            if not (task.optional and not repo_path(task.argv[0]).is_file()):
+                try:
+                    check_inputs_present(task)
+                except RunnerError as err:
+                    self.fail(i, err, f"not started: {err}")
+                    continue
+            decision = decide(task, self.state, self.forced)
+            if decision.startswith("skip"):
+                print(f"[runner] {task.key}: {decision}", flush=True)
+                self.done.add(i)
+                continue
+            slot = self.free.pop(0)
+            print(f"[runner] {task.key}: {decision}{self.where(slot)}: {shlex.join(task.argv)}",
+                  flush=True)
+            fp = fingerprint(task)  # inputs as they are before the step runs
+            start = time.time()
+            try:
+                step, log_path = start_task(task, self.python, self.run_dir, self.slots[slot])
+            except StepFailed as err:
+                self.free = sorted([slot, *self.free])
+                self.fail(i, err, f"not started: {err}")
+                continue
+            self.running[i] = Running(task, slot, step, log_path, fp, start)
+
+    def fail(self, i: int, err: Exception, note: str) -> None:
+        if self.sequential:
+            raise err
+        self.failed[i] = err
+        print(f"[runner] {self.tasks[i].key}: {note}", flush=True)
+
+    def where(self, slot: int) -> str:
+        """' [slot 2/4, GPU 0, 14:03:07]', or '' when the run has one unpinned slot (as ever)."""
+        if not self.show_slots:
+            return ""
+        gpu = self.slots[slot]
+        parts = [f"slot {slot + 1}/{len(self.slots)}", *([f"GPU {gpu}"] if gpu else []),
+                 time.strftime("%H:%M:%S")]
+        return f" [{', '.join(parts)}]"
+
+    def stop_all(self) -> None:
+        """SIGTERM every running step (scripts clean up their staging on it), SIGKILL what is
+        left after one grace period; signals held, so a second SIGTERM cannot cut this short
+        and leave a step behind."""
+        with signals_held():
+            steps = [run.step for run in self.running.values() if run.step.poll() is None]
+            for step in steps:
+                step.terminate()
+            deadline = time.monotonic() + STEP_STOP_GRACE_S
+            for step in steps:
+                try:
+                    step.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    step.kill()
+                    step.wait()
+
+    def failure_lines(self) -> list[str]:
+        lines = []
+        for i in sorted(self.failed):
+            lines.append(f"error: {self.failed[i]}")
+            dropped = [self.tasks[j].key for j in sorted(self.left_out) if i in self.left_out[j]]
+            if dropped:
+                lines.append(f"skipped because {self.tasks[i].key} failed: {', '.join(dropped)}")
+        return lines
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Defer SIGTERM/SIGHUP/SIGINT over a piece of bookkeeping (delivered right after it). Never
+    around starting a step: a child would inherit the blocked mask and ignore SIGTERM."""
+    held = (*STOP_SIGNALS, signal.SIGINT)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def execute(recipe: Recipe, tasks: list[Task], forced: set[str], python: str,
+            slots: list[str | None]) -> None:
+    Scheduler(recipe, tasks, forced, python, slots).run()
+
+
+# ---------------------------------------------------------------------------------------------
+# slots and the DAG
+
+
+def plan_slots(jobs: int | None, gpus: str | None) -> list[str | None]:
+    """One entry per slot: the CUDA_VISIBLE_DEVICES of the steps it runs (None: left as the
+    runner's). --gpus lists the slots (an id may repeat); --jobs N cycles that list to N slots;
+    --jobs alone gives N unpinned slots."""
+    if jobs is not None and jobs < 1:
+        raise RunnerError(f"--jobs {jobs}: must be at least 1")
+    if gpus is None:
+        return [None] * (jobs or 1)
+    ids = [g.strip() for g in gpus.split(",")]
+    bad = [g for g in ids if not GPU_ID.match(g)]
+    if bad:
+        raise RunnerError(f"--gpus {gpus}: {bad[0]!r} is not a GPU id (expected ids separated by "
+                          "commas, an id repeated for several slots on one GPU: 0,0,1; or "
+                          "GPU-<uuid>)")
+    jobs = jobs or len(ids)
+    if jobs < len(ids):
+        raise RunnerError(f"--jobs {jobs} is fewer than the {len(ids)} slots of --gpus {gpus}: "
+                          "the last would never be used; list fewer GPUs or raise --jobs")
+    return [ids[i % len(ids)] for i in range(jobs)]
+
+
+def describe_slots(slots: list[str | None]) -> str:
+    return ", ".join(f"{n}={'GPU ' + gpu if gpu else 'unpinned'}"
+                     for n, gpu in enumerate(slots, 1))
+
+
+def reads(task: Task) -> list[str]:
+    return [*task.inputs, *task.optional_inputs]
+
+
+def must_follow(earlier: Task, later: Task) -> bool:
+    """`later` reads or rewrites what `earlier` writes, or rewrites what `earlier` reads."""
+    return (any(may_write(out, path) for out in earlier.outputs
+                for path in [*reads(later), *later.outputs])
+            or any(may_write(out, path) for out in later.outputs for path in reads(earlier)))
+
+
+def dependencies(tasks: list[Task]) -> list[list[int]]:
+    """For each task, the earlier tasks (indices) it waits for."""
+    return [[j for j in range(i) if must_follow(tasks[j], tasks[i])] for i in range(len(tasks))]
+
+
+def dag_lines(tasks: list[Task], deps: list[list[int]]) -> list[str]:
+    """Each task's level (1 + the deepest task it waits for) and the tasks it waits for, less
+    those it waits for anyway through another (shown once, not 30 times for a report step)."""
+    level, ancestors = [], []
+    for direct in deps:
+        level.append(1 + max((level[j] for j in direct), default=0))
+        ancestors.append(set(direct).union(*(ancestors[j] for j in direct)))
+    lines = ["# DAG: a task waits for the tasks after '<-'; those of one level may run at once"]
+    for i in sorted(range(len(tasks)), key=lambda i: (level[i], i)):
+        shown = [j for j in deps[i] if not any(j in ancestors[k] for k in deps[i])]
+        after = f" <- {', '.join(tasks[j].key for j in shown)}" if shown else ""
+        lines.append(f"# level {level[i]}: {tasks[i].key}{after}")
+    return lines
 
 
 def main(argv=None) -> None:
@@ -797,6 +1052,7 @@ def main(argv=None) -> None:
     if unknown:
         raise RunnerError(f"--force {', '.join(unknown)}: no such step in {recipe.path} "
                           f"(steps: {', '.join(names)})")
+    slots = plan_slots(args.jobs, args.gpus)
     tasks = plan_tasks(recipe)
     check_inputs_declared(recipe, tasks)
     text = commands_text(recipe, tasks)
@@ -805,6 +1061,8 @@ def main(argv=None) -> None:
         print(text, end="")
         for task in tasks:
             print(f"# {task.key}: {decide(task, state, set(args.force))}")
+        print("\n".join(dag_lines(tasks, dependencies(tasks))))
+        print(f"# slots: {describe_slots(slots)}")
         return
     run_dir = repo_path(recipe.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -813,7 +1071,10 @@ def main(argv=None) -> None:
     try:
         take_run_dir(run_dir, lock)
         write_text_atomic(run_dir / "commands.sh", text)
-        execute(recipe, tasks, set(args.force), args.python)
+        if slots != [None]:
+            print(f"[runner] up to {len(slots)} step(s) at once; slots: {describe_slots(slots)}",
+                  flush=True)
+        execute(recipe, tasks, set(args.force), args.python, slots)
     finally:
         lock.release()
         for signum, handler in handlers.items():  # main() may run inside another program
@@ -830,11 +1091,20 @@ if __name__ == "__main__":
     except StepFailed as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except RunFailed as failed:
+        print("\n".join(failed.lines), file=sys.stderr)
+        sys.exit(failed.code)
     except KeyboardInterrupt:
         print("error: interrupted; the same command resumes at the step that was running",
               file=sys.stderr)
         sys.exit(130)
     except Stopped as stop:
-        print(f"error: stopped by {signal.Signals(stop.signum).name} (the running step was "
-              "stopped with it); the same command resumes at that step", file=sys.stderr)
+        name = signal.Signals(stop.signum).name
+        if stop.running is None:
+            print(f"error: stopped by {name} (the running step was stopped with it); the same "
+                  "command resumes at that step", file=sys.stderr)
+        else:
+            print(f"error: stopped by {name} ({len(stop.running)} running step(s) stopped with "
+                  f"it: {', '.join(stop.running) or 'none'}); the same command resumes at them",
+                  file=sys.stderr)
         sys.exit(128 + stop.signum)
