@@ -21,7 +21,8 @@ target_word and related_words, mapped as
   category            = meta.experiment (e.g. high_en; the strata of the sampling)
   difficulty          = the experiment's frequency level (high / medium / low)
   quality             = meta.outcome (success / failure / ...)
-  reward_model_score  = 1.0 for outcome success, 0.0 for any other outcome, None without one
+  reward_model_score  = 1.0 for outcome success, 0.0 for any other outcome (a row without
+                        meta.outcome or meta.experiment is an error, see "Null values")
   conversation_tokens = the row's conversation_tokens when present, else a cheap proxy:
                         whitespace-separated words over all turns (no tokenizer involved)
   group_id            = {category}::{difficulty}::{source split}::g{target word}
@@ -42,6 +43,21 @@ unchanged: only the prompt-completion pairing is broken. Columns `corrupted` (bo
 and eval: always False / None; they are never corrupted); score_pool is train_base's folder, so it
 is corrupted identically. The manifest's `corruption` entry records fraction, seed, count, method.
 With F = 0 (default) nothing changes: no columns, no manifest entry.
+
+Null values: a row whose --group-column, category or reward_model_score is null, empty or NaN
+(with --task taboo: meta.experiment or meta.outcome, their sources) stops the run with one error
+naming the column and how many rows have it, since such rows would all fall into one group or
+category "None" (one group spread over train and held-out splits) or slip past
+--min-reward-model-score; --drop-null-groups drops them instead and counts them.
+
+Writing: the whole run (data/<split> for every split, and manifest.json) is first written into a
+staging folder <run-dir>/.dataset-stage.<pid>@<host>.<random>.tmp, then swapped in by renames:
+the old manifest.json and data/ are moved aside, the new ones moved in, manifest last, and the
+old ones deleted. A failure (a bad row in the last split, SIGTERM, Ctrl-C) before the swap
+leaves the old run as it was and removes the staging folder; one killed outright leaves the
+staging folder, which the next dataset.py run on the same --run-dir removes (its process is
+gone). data/ belongs to dataset.py: it is replaced whole, so a data/ holding anything but split
+folders is refused.
 """
 
 from __future__ import annotations
@@ -49,13 +65,20 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
+import os
+import platform
+import shutil
+import signal
+import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import (MANIFEST_SCHEMA_VERSION, SPLIT_COLUMNS, PipelineError, provenance,
-                      publish_dir, relative_to, run_main, staging_dir, write_json_atomic)
+                      relative_to, run_main, write_json_atomic)
 from taboo import (DEFAULT_INSTANCES, frequency_level, load_instances, normalize_word, parse_guess,
                    same_word)
 
@@ -67,6 +90,8 @@ TASK_DEFAULTS = {
     "taboo": ("runs/taboo_v1", "colab-potsdam/playpen-data", None),
 }
 TABOO_COLUMNS = ["target_word", "related_words"]
+SPLIT_FOLDERS = ("train_base", "attr_query", "eval")  # what data/ holds (score_pool = train_base)
+STAGE_PREFIX = ".dataset-stage."
 
 
 def parse_args(argv=None):
@@ -96,6 +121,10 @@ def parse_args(argv=None):
     p.add_argument("--group-column", default=None,
                    help="for a source without a test split: column whose groups are kept whole "
                         "when attr_query/eval are carved out (e.g. instruction_id). Required then.")
+    p.add_argument("--drop-null-groups", action="store_true",
+                   help="drop rows whose --group-column, category or reward_model_score is null, "
+                        "empty or NaN (with --task taboo: meta.experiment, meta.outcome) and count "
+                        "them, instead of stopping")
     p.add_argument("--drop-bad-rows", action="store_true",
                    help="drop rows that cannot be flattened (no messages, final turn not from the "
                         "assistant, empty completion; with --task taboo also no readable meta or "
@@ -119,7 +148,8 @@ def parse_args(argv=None):
     corrupt.add_argument("--corrupt-seed", type=int, default=None,
                          help="seed of the corruption draws (default: --seed)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing manifest in --run-dir")
+                   help="replace an existing run in --run-dir (its manifest.json and data/, "
+                        "swapped in one step once the new run is complete)")
     args = p.parse_args(argv)
     if not 0.0 <= args.corrupt_fraction <= 1.0:
         p.error("--corrupt-fraction must be in [0, 1]")
@@ -246,10 +276,58 @@ def flatten_row(row: dict) -> tuple[list[dict] | None, str | None, str | None]:
     return prompt, completion, None
 
 
+def is_null(value) -> bool:
+    """None, a blank string or NaN: values that str() would turn into one fake group 'None' /
+    'nan', and that no comparison with --min-reward-model-score can judge."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    return isinstance(value, float) and math.isnan(value)
+
+
+class NullValues:
+    """Rows with a null group, category or reward: counted per column over the whole source, so
+    the error names every such column and how many rows have it."""
+
+    def __init__(self, source_label: str, drop: bool):
+        self.source_label, self.drop = source_label, drop
+        self.counts: Counter = Counter()
+        self.first: dict[str, str] = {}
+
+    def found(self, values: dict, where: str, counts: Counter) -> bool:
+        """True if the row has a null among values ({column label: value}); counts it."""
+        null = [column for column, value in values.items() if is_null(value)]
+        for column in null:
+            self.counts[column] += 1
+            self.first.setdefault(column, where)
+        if null and self.drop:
+            counts["dropped_null_values"] += 1
+            for column in null:
+                counts[f"null_{column}"] += 1
+        return bool(null)
+
+    def check(self) -> None:
+        if self.drop or not self.counts:
+            return
+        parts = [f"'{column}' in {n} row(s) (first: {self.first[column]})"
+                 for column, n in self.counts.items()]
+        raise PipelineError(f"{self.source_label}: null, empty or NaN values in {'; '.join(parts)}"
+                            "; such rows would form one group or category 'None' or pass "
+                            "--min-reward-model-score unjudged (fix the data, or pass "
+                            "--drop-null-groups to drop them)")
+
+
+def below_min_reward(reward, minimum: float | None) -> bool:
+    # `not >=` rather than `<`: NaN compares False both ways, and must never pass
+    return minimum is not None and (reward is None or not reward >= minimum)
+
+
 def build_rows(source: dict[str, list[dict]], source_label: str, args) -> tuple[dict, dict]:
     """Flatten and filter every source split. Returns ({split: rows}, filter_stats)."""
     stats = {"per_source_split": {}}
     flattened = {}
+    nulls = NullValues(source_label, args.drop_null_groups)
     for split, rows in source.items():
         counts = Counter(rows_in=len(rows))
         kept = []
@@ -268,14 +346,18 @@ def build_rows(source: dict[str, list[dict]], source_label: str, args) -> tuple[
                                         "(--drop-bad-rows drops such rows)")
                 counts["dropped_unflattenable"] += 1
                 continue
+            checked = {"category": row["category"], "reward_model_score": row["reward_model_score"]}
+            if args.group_column:
+                checked = {args.group_column: row[args.group_column], **checked}
+            if nulls.found(checked, f"split '{split}' row {index}", counts):
+                continue
             counts["flattened"] += 1
             tokens = row.get("conversation_tokens")
             if tokens is not None and tokens > args.max_conversation_tokens:
                 counts["dropped_too_long"] += 1
                 continue
             reward = row.get("reward_model_score")
-            if args.min_reward_model_score is not None and (
-                    reward is None or reward < args.min_reward_model_score):
+            if below_min_reward(reward, args.min_reward_model_score):
                 counts["dropped_reward"] += 1
                 continue
             group_value = row.get(args.group_column) if args.group_column else None
@@ -294,6 +376,7 @@ def build_rows(source: dict[str, list[dict]], source_label: str, args) -> tuple[
         counts["rows_kept"] = len(kept)
         stats["per_source_split"][split] = dict(counts)
         flattened[split] = kept
+    nulls.check()
     totals = Counter()
     for counts in stats["per_source_split"].values():
         totals.update(counts)
@@ -372,6 +455,7 @@ def build_taboo_rows(source: dict[str, list[dict]], source_label: str, args) -> 
     drop_outcomes = set(args.taboo_drop_outcomes)
     stats = {"per_source_split": {}}
     flattened = {}
+    nulls = NullValues(source_label, args.drop_null_groups)
 
     def bad(counts, where, problem, counter):
         if not args.drop_bad_rows:
@@ -401,6 +485,10 @@ def build_taboo_rows(source: dict[str, list[dict]], source_label: str, args) -> 
             if problem is not None:
                 bad(counts, where, problem, "dropped_unflattenable")
                 continue
+            # category and reward come from these; the group (target word) is checked below
+            if nulls.found({"meta.experiment": meta.get("experiment"), "meta.outcome": outcome},
+                           f"split '{split}' row {index}", counts):
+                continue
             target, related, target_from, problem = targets.lookup(meta)
             if target is None:
                 bad(counts, where, problem, "dropped_no_target")
@@ -418,12 +506,11 @@ def build_taboo_rows(source: dict[str, list[dict]], source_label: str, args) -> 
             if tokens > args.max_conversation_tokens:
                 counts["dropped_too_long"] += 1
                 continue
-            reward = None if outcome is None else float(outcome == "success")
-            if args.min_reward_model_score is not None and (
-                    reward is None or reward < args.min_reward_model_score):
+            reward = float(outcome == "success")
+            if below_min_reward(reward, args.min_reward_model_score):
                 counts["dropped_reward"] += 1
                 continue
-            experiment = str(meta.get("experiment") or "unknown")
+            experiment = str(meta["experiment"])
             kept.append({
                 "row_local_index": index,
                 "source_split": split,
@@ -431,7 +518,7 @@ def build_taboo_rows(source: dict[str, list[dict]], source_label: str, args) -> 
                 "completion": completion,
                 "category": experiment,
                 "difficulty": frequency_level(experiment),
-                "quality": None if outcome is None else str(outcome),
+                "quality": str(outcome),
                 "reward_model_score": reward,
                 "conversation_tokens": int(tokens),
                 "group_key": target,
@@ -441,6 +528,7 @@ def build_taboo_rows(source: dict[str, list[dict]], source_label: str, args) -> 
         counts["rows_kept"] = len(kept)
         stats["per_source_split"][split] = dict(counts)
         flattened[split] = kept
+    nulls.check()
     totals = Counter()
     for counts in stats["per_source_split"].values():
         totals.update(counts)
@@ -702,18 +790,114 @@ def run_taboo_checks(splits: dict[str, list[dict]]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def save_splits(splits: dict[str, list[dict]], run_dir: Path) -> dict[str, dict]:
-    """Each split is written to a temp folder and renamed into place only once complete."""
+# ---------------------------------------------------------------------------------------------
+# writing: the whole run is staged, then swapped in (see the module docstring). The stage-and-
+# swap of a run folder and the owner-named staging folders belong in pipeline.py (one home for
+# staging); they are here until they move there.
+
+
+def check_run_dir(run_dir: Path, overwrite: bool, source_label: str) -> None:
+    """Before any work: an existing run needs --overwrite, and data/ must be dataset.py's own."""
+    manifest_path = run_dir / "manifest.json"
+    if manifest_path.exists() and not overwrite:
+        raise PipelineError(f"{manifest_path} already exists (pass --overwrite to replace it)")
+    data = run_dir / "data"
+    if data.exists() or data.is_symlink():
+        if not data.is_dir() or data.is_symlink():
+            raise PipelineError(f"{data} is not a folder; dataset.py writes its splits there")
+        foreign = sorted(p.name for p in data.iterdir()
+                         if p.name not in SPLIT_FOLDERS and not is_temp_name(p.name))
+        if foreign:
+            raise PipelineError(f"{data} holds {foreign[0]}, which dataset.py did not write; "
+                                "the run replaces data/ as a whole, so move it away first")
+    source = Path(source_label)
+    if source.exists() and source.resolve().is_relative_to(data.resolve()):
+        raise PipelineError(f"the source {source} lies inside {data}, which the run replaces")
+
+
+def is_temp_name(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def stage_dir(run_dir: Path) -> Path:
+    """A fresh hidden folder in run_dir whose name says which process owns it."""
+    return Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}@{platform.node()}.",
+                                 suffix=".tmp", dir=run_dir))
+
+
+def stage_owner(name: str) -> tuple[int, str] | None:
+    """(pid, host) from a stage_dir name, None for other names."""
+    if not (name.startswith(STAGE_PREFIX) and name.endswith(".tmp")):
+        return None
+    owner = name[len(STAGE_PREFIX):-len(".tmp")].rsplit(".", 1)[0]
+    pid, _, host = owner.partition("@")
+    return (int(pid), host) if pid.isdigit() else None
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_stages(run_dir: Path) -> None:
+    """Staging folders of dataset.py runs on this host that were killed before they could clean
+    up (SIGKILL, a lost machine): their process is gone, so nobody will finish them."""
+    if not run_dir.is_dir():
+        return
+    for path in sorted(run_dir.iterdir()):
+        owner = stage_owner(path.name)
+        if owner and owner[1] == platform.node() and not process_alive(owner[0]):
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"removed {path}, left by a dataset.py run (pid {owner[0]}) that was killed")
+
+
+def save_splits(splits: dict[str, list[dict]], staged: Path) -> dict[str, dict]:
+    """Every split into staged/data/<split>; a split that cannot be saved names itself."""
     from datasets import Dataset
 
     entries = {}
     for name, rows in splits.items():
-        final = run_dir / "data" / name
-        staged = staging_dir(final)
-        Dataset.from_list(rows).save_to_disk(str(staged))
-        publish_dir(staged, final)
-        entries[name] = {"path": relative_to(final, run_dir), "num_rows": len(rows)}
+        folder = staged / "data" / name
+        try:
+            Dataset.from_list(rows).save_to_disk(str(folder))
+        except Exception as err:  # pyarrow and datasets raise many types for one bad value
+            raise PipelineError(f"split '{name}' cannot be saved ({type(err).__name__}: "
+                                f"{str(err).splitlines()[0] if str(err) else ''}); a value of "
+                                "another type than in the other rows, e.g. a message content "
+                                "that is not a string?")
+        entries[name] = {"path": relative_to(folder, staged), "num_rows": len(rows)}
     return entries
+
+
+def swap_in(staged: Path, run_dir: Path) -> None:
+    """Renames only, so nothing here can fail on the data: the old manifest.json and data/ go
+    into a holding folder, the staged ones take their place (manifest last, so no manifest ever
+    points at data that is not its own), and the holding folder is deleted. Any error before the
+    end moves everything back."""
+    held = stage_dir(run_dir)
+    moves = []
+
+    def move(source: Path, target: Path) -> None:
+        os.replace(source, target)
+        moves.append((source, target))
+
+    try:
+        for name in ("manifest.json", "data"):
+            if (run_dir / name).exists() or (run_dir / name).is_symlink():
+                move(run_dir / name, held / name)
+        move(staged / "data", run_dir / "data")
+        move(staged / "manifest.json", run_dir / "manifest.json")
+    except BaseException:
+        for source, target in reversed(moves):
+            os.replace(target, source)
+        held.rmdir()  # empty again
+        raise
+    shutil.rmtree(held)
 
 
 def category_distribution(rows: list[dict]) -> dict[str, int]:
@@ -731,7 +915,7 @@ def taboo_summary(splits: dict[str, list[dict]], filter_stats: dict) -> dict:
         "column_mapping": {
             "category": "meta.experiment", "difficulty": "frequency level of the experiment",
             "quality": "meta.outcome", "reward_model_score": "1.0 if outcome == success, else "
-                                                            "0.0; None without an outcome",
+                                                            "0.0",
             "conversation_tokens": "the row's conversation_tokens if present, else whitespace "
                                    "words over all turns (a proxy, no tokenizer)",
             "target_word": "meta.target_word, else the instances file by (experiment, task_id)",
@@ -744,8 +928,7 @@ def main(argv=None):
     args = parse_args(argv)
     run_dir = Path(args.run_dir)
     manifest_path = run_dir / "manifest.json"
-    if manifest_path.exists() and not args.overwrite:
-        raise PipelineError(f"{manifest_path} already exists (pass --overwrite to replace it)")
+    check_run_dir(run_dir, args.overwrite, args.dataset_name)
 
     source, source_label = read_source(args.dataset_name, args.dataset_config)
     print(f"read {sum(len(r) for r in source.values())} rows from {source_label} "
@@ -771,8 +954,33 @@ def main(argv=None):
     if args.task == "taboo":
         checks["passed"] += run_taboo_checks(splits)
 
-    entries = save_splits(splits, run_dir)
-    entries["score_pool"] = dict(entries["train_base"], same_rows_as="train_base")
+    entries = write_run(run_dir, splits, lambda entries: build_manifest(
+        args, entries, splits, split_policy, filter_stats, checks, corruption, source_label))
+    sizes = ", ".join(f"{name}={entry['num_rows']}" for name, entry in entries.items())
+    print(f"wrote {manifest_path} ({sizes})")
+
+
+def write_run(run_dir: Path, splits: dict[str, list[dict]], make_manifest) -> dict[str, dict]:
+    """Stage the splits and make_manifest(entries) in run_dir, then swap them in; on any failure
+    the old run stays and the staging folder goes. Returns the manifest's split entries."""
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_stages(run_dir)
+    staged = stage_dir(run_dir)
+    try:
+        entries = save_splits(splits, staged)
+        entries["score_pool"] = dict(entries["train_base"], same_rows_as="train_base")
+        write_json_atomic(staged / "manifest.json", make_manifest(entries))
+        swap_in(staged, run_dir)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+        if created and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+    return entries
+
+
+def build_manifest(args, entries, splits, split_policy, filter_stats, checks, corruption,
+                   source_label) -> dict:
     manifest = {
         "schema_version": MANIFEST_SCHEMA_VERSION,
         "kind": "main",
@@ -801,10 +1009,10 @@ def main(argv=None):
         manifest["split_notes"]["eval"] = ("held out for eval loss and eval_words.py; none of its "
                                            "target words is a target in train_base or attr_query")
         manifest["taboo"] = taboo_summary(splits, filter_stats)
-    write_json_atomic(manifest_path, manifest)
-    sizes = ", ".join(f"{name}={entry['num_rows']}" for name, entry in entries.items())
-    print(f"wrote {manifest_path} ({sizes})")
+    return manifest
 
 
 if __name__ == "__main__":
+    # SIGTERM (the runner stopping its step) as an exit, so the staging folder is cleaned up
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     run_main(main)

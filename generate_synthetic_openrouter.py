@@ -45,7 +45,9 @@ a seeded shuffle. A killed run restarted with the same arguments drops a torn la
 games.jsonl and plays only the games it lacks: none lost, none twice.
 
 The API key is read from the environment (--api-key-env, default OPENROUTER_API_KEY) or from a
-.env file in the working directory; it is never written to any output or log.
+.env file in the working directory; it is never written to any output or log: every error text
+and every game record has the key, and any piece of 6 or more of its characters, replaced by ***
+before it is cut to length or written.
 """
 
 from __future__ import annotations
@@ -75,6 +77,11 @@ GAMES_FILE, ROWS_FILE, SUMMARY_FILE, CONFIG_FILE = (
     "games.jsonl", "rows_wordguesser.jsonl", "summary.json", "config.json")
 # HTTP statuses worth another try: timeouts, conflicts, rate limits, server trouble
 RETRY_STATUSES = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
+# an error body or message is cut to this many characters, after the key is taken out of it
+ERROR_TEXT_CHARS = 200
+# any run of this many characters of the key counts as the key (a server's echo cut short, or
+# a hint like "sk-or-v1-abc...xyz"): shorter pieces are not enough to matter
+KEY_PIECE_CHARS = 6
 
 # clembench Taboo v2.0 templates, used when --templates-dir lacks the files
 BUILTIN_DESCRIBER = """You are playing a collaborative word guessing game in which you have to \
@@ -235,8 +242,20 @@ class ChatClient:
         self.retries = 0       # counted over the whole run, and per game by the caller
         self.slept_s = 0.0
 
-    def redact(self, text: str) -> str:
-        return text.replace(self.key, "***") if self.key else text
+    def redact(self, text: str, limit: int | None = None) -> str:
+        """The text without the key or any KEY_PIECE_CHARS-long piece of it, then cut to limit:
+        cutting first could leave part of the key at the cut, where no replace finds it."""
+        return redact_key(text, self.key)[:limit]
+
+    def redact_record(self, value):
+        """A game record with every string in it redacted (replies, error texts, messages)."""
+        if isinstance(value, str):
+            return self.redact(value)
+        if isinstance(value, list):
+            return [self.redact_record(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self.redact_record(v) for k, v in value.items()}
+        return value
 
     def complete(self, model: str, messages: list[dict], seed: int) -> str:
         """The reply's text ('' when the model sent none). Raises ApiError or AuthError."""
@@ -280,10 +299,9 @@ class ChatClient:
         raise ApiError(self.redact(f"{last_error} (gave up after {self.args.max_retries} "
                                    "retries)"))
 
-    @staticmethod
-    def _content(payload: dict) -> str:
+    def _content(self, payload: dict) -> str:
         if "error" in payload and "choices" not in payload:
-            raise ValueError(f"API error: {str(payload['error'])[:200]}")
+            raise ValueError(f"API error: {self.redact(str(payload['error']), ERROR_TEXT_CHARS)}")
         content = payload["choices"][0]["message"].get("content")
         if isinstance(content, list):  # content parts
             content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
@@ -294,7 +312,7 @@ class ChatClient:
             text = err.read().decode("utf-8", "replace")
         except Exception:  # the body is only decoration for the message
             text = ""
-        return self.redact(" ".join(text.split())[:200])
+        return self.redact(" ".join(text.split()), ERROR_TEXT_CHARS)
 
     def _sleep(self, attempt: int, retry_after: str | None) -> None:
         delay = self.args.backoff_base * 2 ** attempt
@@ -306,6 +324,32 @@ class ChatClient:
         delay = max(0.0, min(delay, self.args.max_backoff))
         self.slept_s += delay
         time.sleep(delay)
+
+
+def redact_key(text: str, key: str) -> str:
+    """text with the key and every piece of it at least KEY_PIECE_CHARS long replaced by ***."""
+    if not key:
+        return text
+    text = text.replace(key, "***")
+    if len(key) < KEY_PIECE_CHARS:
+        return text
+    pieces = {key[i:i + KEY_PIECE_CHARS] for i in range(len(key) - KEY_PIECE_CHARS + 1)}
+    hidden = [False] * len(text)
+    for i in range(len(text) - KEY_PIECE_CHARS + 1):
+        if text[i:i + KEY_PIECE_CHARS] in pieces:
+            hidden[i:i + KEY_PIECE_CHARS] = [True] * KEY_PIECE_CHARS
+    if not any(hidden):
+        return text
+    out, i = [], 0
+    while i < len(text):
+        if hidden[i]:
+            while i < len(text) and hidden[i]:
+                i += 1
+            out.append("***")
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -683,7 +727,8 @@ def main(argv=None):
         for model, index in progress:
             game = words[order[index % len(words)]]
             try:
-                record = play_game(client, templates, game, model, index, args)
+                record = client.redact_record(play_game(client, templates, game, model,
+                                                        index, args))
             except AuthError as err:
                 raise PipelineError(client.redact(str(err)))
             append_game(games_path, record)

@@ -20,7 +20,8 @@ researcher would paste them, with {placeholders}:
     [[steps]]
     name = "dataset"
     run = "dataset.py --run-dir {split_dir} --seed {seed} --overwrite"
-    inputs = []                    # files/folders it reads (fingerprinted)
+    inputs = []                    # files/folders it reads (fingerprinted; must exist)
+    # optional_inputs = ["{model}"] # a hub id, or a path that may be absent (fingerprinted too)
     outputs = ["{split_dir}/manifest.json"]   # must exist after it
     per_seed = "split"             # true, false (default) or "split"
     # optional = true              # skip (with a note) when the script does not exist
@@ -34,15 +35,20 @@ flags ("--dataset-config smol-magpie-ultra"), the built-in paths stay one word e
 may use the built-in placeholders, not other vars. Relative paths are relative to the repository
 root. An input may be a glob ({run_dir}/seed_*/eval_*.json).
 
+Inputs: a declared input that does not exist, and that no earlier step of the recipe writes, is
+an error before anything runs (a mistyped path would otherwise be fingerprinted as "missing" and
+its step never rerun); one that an earlier step should have written is an error when its step
+comes up. A hub id, or a path that may legitimately be absent, goes under optional_inputs.
+
 Skip rule: a step (per seed) is skipped when its declared outputs exist and its fingerprint equals
 the one recorded when it last succeeded, in <run_dir>/.runner_state.json (rewritten atomically
 after every successful step, never before). The fingerprint is a sha256 over the resolved command
 line (script + flags, not the python executable) and the declared inputs: a file by its content;
 a folder by its sorted (relative path, size) plus the content of files up to 1 MiB and the mtime_ns
 of larger ones (weights are not read), ignoring datasets' cache-*.arrow files and hidden files;
-a missing path (e.g. a hub id) as "missing". (So a step must not declare a folder it writes into
-as an input: it would never be up to date.) A killed run resumes at the step it was in, and a step
-reruns when its command or inputs changed:
+an absent optional input (e.g. a hub id) as "missing". (So a step must not declare a folder it
+writes into as an input: it would never be up to date.) A killed run resumes at the step it was
+in, and a step reruns when its command or inputs changed:
 --force STEP reruns STEP (every seed of a per-seed step); a later step that declares one of its
 outputs as input then reruns too when that output changed, which with the scripts' outputs (they
 record provenance and time) is always; steps that do not read them stay skipped.
@@ -54,18 +60,57 @@ comment); `bash <run_dir>/commands.sh` from the repository root replays the run 
 Commands run with the repository root as working directory. Errors (bad recipe, unknown
 --force step, a failing step) stop the runner with one `error:` line; a failing step's line
 names its log.
+
+Running steps at once (--jobs N, --gpus LIST). The plan is a DAG: a task (a step, for one seed)
+waits for every earlier task in the plan one of whose declared outputs is the same path as, lies
+inside, or contains one of its declared inputs or optional_inputs (globs match part by part); it
+also waits for an earlier task whose outputs overlap its outputs, or whose inputs its outputs would
+rewrite, so two steps never write one path at once and a step's inputs never change under it.
+A task starts when everything it waits for is done, at most N at a time; among ready tasks the
+earlier in recipe order goes first, so --jobs 1 (the default) runs exactly the recipe order.
+Slots: --gpus 0,1 gives one slot per listed id, and an id may repeat (--gpus 0,0,1: two steps at
+once on GPU 0, one on GPU 1); with --jobs N as well the list is cycled to N slots (--gpus 0
+--jobs 5: five slots on GPU 0; --gpus 0,1 --jobs 4: 0,1,0,1), and N below the list's length is
+an error (a listed GPU would go unused). A step runs with CUDA_VISIBLE_DEVICES set to its slot's
+id, the id as written (so it names a GPU in the runner's own numbering of the machine); without
+--gpus the runner sets nothing and every step sees what the runner sees. Each start and end is
+one `[runner]` line with the slot, its GPU and the clock time. With --jobs 1 the first failure
+stops the run, as above; with N > 1 a failure stops only the tasks that depend on it (directly or
+through others), the rest run on, and the run ends with exit 1 (2 if every failure was an input
+that was not there): one `error:` line per failed step, naming its log, each followed by a
+`skipped because <step> failed: ...` line listing the tasks left out for it. --dry-run prints
+each task's level in the DAG and the tasks it waits for. The state file is written only by the
+runner, from its one scheduling loop, atomically, after each success; commands.sh stays the
+sequential replay in recipe order.
+
+One runner per run dir: <run_dir>/.runner.lock (an flock, holding pid, host and start time)
+is taken before anything is written and removed at the end; a second runner on the same run dir
+stops with an error naming the holder. A lock left by a runner that died is taken over with a
+note. Steps run in the runner's process group (so `kill -- -PGID` stops both), and die with the
+runner however it ends: SIGTERM/SIGHUP stop the running steps first, and a step gets SIGTERM
+from the kernel if the runner is killed outright (Linux PR_SET_PDEATHSIG). With the lock held, every
+`.*.tmp` staging folder or file under the run dir was left by an earlier, killed run (its runner
+and steps are gone), so it is removed, with a note, before the first step.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import datetime as _dt
+import fcntl
+import fnmatch
+import functools
 import glob
 import hashlib
 import json
 import os
+import platform
 import re
 import shlex
+import shutil
+import signal
 import string
 import subprocess
 import sys
@@ -78,13 +123,24 @@ from pipeline import write_json_atomic
 
 ROOT = Path(__file__).resolve().parent
 STATE_FILE = ".runner_state.json"
+LOCK_FILE = ".runner.lock"
 SMALL_FILE_BYTES = 1 << 20
 BUILTIN_PLACEHOLDERS = ("run_dir", "seed", "seed_dir", "split_dir")
 SEED_ONLY_PLACEHOLDERS = ("seed_dir",)
 RECIPE_KEYS = {"name", "description", "run_dir", "seeds", "base_seed", "per_seed_split"}
-STEP_KEYS = {"name", "run", "inputs", "outputs", "per_seed", "optional", "reuse_existing",
-             "comment"}
+STEP_KEYS = {"name", "run", "inputs", "optional_inputs", "outputs", "per_seed", "optional",
+             "reuse_existing", "comment"}
+# [recipe] keys and the TOML type each must have
+RECIPE_TYPES = {"name": str, "description": str, "run_dir": str, "seeds": list, "base_seed": int,
+                "per_seed_split": bool}
+STEP_LIST_KEYS = ("inputs", "optional_inputs", "outputs")
+STEP_BOOL_KEYS = ("optional", "reuse_existing")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+STEP_STOP_GRACE_S = 10
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 STEP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+GPU_ID = re.compile(r"^(\d+|(GPU|MIG)-[A-Za-z0-9./-]+)$")  # what CUDA_VISIBLE_DEVICES accepts
+POLL_S = 0.05  # how often the runner looks at its running steps (--jobs > 1)
 
 
 class RunnerError(Exception):
@@ -93,6 +149,25 @@ class RunnerError(Exception):
 
 class StepFailed(Exception):
     """A step exited non-zero; printed as one `error:` line, exit 1."""
+
+
+class Stopped(BaseException):
+    """The runner got SIGTERM/SIGHUP. A BaseException, like KeyboardInterrupt, so that no
+    `except Exception` on the way swallows it before the running step is stopped."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.running: list[str] | None = None  # with --jobs > 1: the steps it stopped
+
+
+class RunFailed(Exception):
+    """With --jobs > 1, steps failed while the others ran on: one `error:` line per failure,
+    each followed by the tasks left out because of it; exit 1 (2: only missing inputs)."""
+
+    def __init__(self, lines: list[str], code: int):
+        super().__init__("\n".join(lines))
+        self.lines, self.code = lines, code
 
 
 @dataclass
@@ -114,6 +189,7 @@ class Task:
     argv: list[str]          # script + flags, placeholders resolved
     inputs: list[str]
     outputs: list[str]
+    optional_inputs: list[str] = ()
     optional: bool = False
     reuse_existing: bool = False
 
@@ -148,6 +224,13 @@ def parse_args(argv=None):
                         help="override one of the recipe's [vars] (repeatable)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the commands and whether each would run; run and write nothing")
+    parser.add_argument("--jobs", type=int, metavar="N",
+                        help="run up to N steps at once, each when the steps it needs are done "
+                             "(default: 1, or one per --gpus entry)")
+    parser.add_argument("--gpus", metavar="ID[,ID...]",
+                        help="GPU slots: each entry is one slot, an id may repeat (0,0,1); with "
+                             "--jobs N the list is cycled to N slots (--gpus 0 --jobs 5: five "
+                             "on GPU 0); each step runs with CUDA_VISIBLE_DEVICES=<its slot's id>")
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter that runs the scripts (default: this one, so `uv run` "
                              "and a bare python3 both work); commands.sh always shows "
@@ -165,13 +248,9 @@ def load_recipe(path: Path, run_dir: str | None, seeds: list[int] | None,
         raise RunnerError(f"recipe {path} does not exist")
     try:
         data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise RunnerError(f"recipe {path} is not valid TOML: {err}")
-    head = data.get("recipe", {})
-    unknown = set(data) - {"recipe", "vars", "steps"} or set(head) - RECIPE_KEYS
-    if unknown:
-        raise RunnerError(f"recipe {path}: unknown key(s) {', '.join(sorted(unknown))}")
-    variables = {str(k): str(v) for k, v in data.get("vars", {}).items()}
+    head, variables, steps = check_recipe_types(path, data)
     for item in var_overrides:
         name, sep, value = item.partition("=")
         if not sep or name not in variables:
@@ -182,14 +261,65 @@ def load_recipe(path: Path, run_dir: str | None, seeds: list[int] | None,
     if shadowed:
         raise RunnerError(f"recipe {path}: [vars] may not redefine {', '.join(sorted(shadowed))}")
     recipe = Recipe(path=path, run_dir=run_dir or head.get("run_dir", ""),
-                    seeds=[int(s) for s in (seeds or head.get("seeds", [42]))],
-                    base_seed=int(head.get("base_seed", 42)),
-                    per_seed_split=bool(head.get("per_seed_split", False)),
-                    vars=variables, steps=data.get("steps", []))
+                    seeds=(check_seeds(seeds, "--seeds") if seeds is not None
+                           else check_seeds(head.get("seeds", [42]), f"recipe {path}: seeds")),
+                    base_seed=check_seeds([head.get("base_seed", 42)],
+                                          f"recipe {path}: base_seed")[0],
+                    per_seed_split=head.get("per_seed_split", False),
+                    vars=variables, steps=steps)
     if not recipe.run_dir:
         raise RunnerError(f"recipe {path} has no [recipe] run_dir; pass --run-dir")
     check_steps(recipe)
     return recipe
+
+
+def type_name(value) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def check_recipe_types(path: Path, data: dict) -> tuple[dict, dict[str, str], list[dict]]:
+    """([recipe] table, [vars] as strings, [[steps]] tables), each checked for its TOML type, so
+    that a recipe of the wrong shape is one error line and not a traceback later."""
+    where = f"recipe {path}"
+    unknown = set(data) - {"recipe", "vars", "steps"}
+    if unknown:
+        raise RunnerError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    head, variables, steps = data.get("recipe", {}), data.get("vars", {}), data.get("steps", [])
+    if not isinstance(head, dict):
+        raise RunnerError(f"{where}: recipe must be a [recipe] table, not {type_name(head)}")
+    unknown = set(head) - RECIPE_TYPES.keys()
+    if unknown:
+        raise RunnerError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    for key, value in head.items():
+        expected = RECIPE_TYPES[key]
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise RunnerError(f"{where}: [recipe] {key} must be {type_name(expected())}, not "
+                              f"{type_name(value)} ({value!r})")
+    if not isinstance(variables, dict):
+        raise RunnerError(f"{where}: vars must be a [vars] table, not {type_name(variables)}")
+    for name, value in variables.items():
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise RunnerError(f"{where}: [vars] {name} must be a string or a number, not "
+                              f"{type_name(value)}")
+    if isinstance(steps, dict):
+        raise RunnerError(f"{where}: steps is a [steps] table; write each step as its own "
+                          "[[steps]] entry (an array of tables)")
+    if not isinstance(steps, list) or not all(isinstance(step, dict) for step in steps):
+        raise RunnerError(f"{where}: steps must be [[steps]] entries (an array of tables)")
+    return head, {str(k): str(v) for k, v in variables.items()}, steps
+
+
+def check_seeds(seeds, what: str) -> list[int]:
+    """Seeds are non-negative integers (numpy's default_rng refuses negative ones), each once."""
+    if not isinstance(seeds, list) or not seeds:
+        raise RunnerError(f"{what} must be a non-empty list of integers, not {seeds!r}")
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise RunnerError(f"{what}: {seed!r} is not a non-negative integer")
+    if len(set(seeds)) != len(seeds):
+        raise RunnerError(f"{what} lists a seed twice ({seeds})")
+    return list(seeds)
 
 
 def check_steps(recipe: Recipe) -> None:
@@ -210,12 +340,29 @@ def check_steps(recipe: Recipe) -> None:
                               f"{', '.join(sorted(unknown))}")
         if not isinstance(step.get("run"), str) or not step["run"].strip():
             raise RunnerError(f"{where}: step {name} needs run = \"script.py --flags ...\"")
+        for key in STEP_LIST_KEYS:
+            value = step.get(key, [])
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise RunnerError(f"{where}: step {name}: {key} must be a list of strings, not "
+                                  f"{value!r}")
+        for key in STEP_BOOL_KEYS:
+            if not isinstance(step.get(key, False), bool):
+                raise RunnerError(f"{where}: step {name}: {key} must be true or false, not "
+                                  f"{step[key]!r}")
+        if not isinstance(step.get("comment", ""), str):
+            raise RunnerError(f"{where}: step {name}: comment must be a string")
         if not step.get("outputs"):
             raise RunnerError(f"{where}: step {name} declares no outputs (paths that must exist "
                               "after it)")
-        if step.get("per_seed", False) not in (True, False, "split"):
+        per_seed = step.get("per_seed", False)
+        if not (isinstance(per_seed, bool) or per_seed == "split"):
             raise RunnerError(f"{where}: step {name}: per_seed must be true, false or \"split\"")
-        for text in [step["run"], *step["outputs"], *step.get("inputs", [])]:
+        both = set(step.get("inputs", [])) & set(step.get("optional_inputs", []))
+        if both:
+            raise RunnerError(f"{where}: step {name}: {sorted(both)[0]} is in both inputs and "
+                              "optional_inputs")
+        for text in [step["run"], *step["outputs"], *step.get("inputs", []),
+                     *step.get("optional_inputs", [])]:
             check_placeholders(recipe, step, text)
 
 
@@ -303,6 +450,8 @@ def plan_tasks(recipe: Recipe) -> list[Task]:
                 argv=argv,
                 inputs=[resolve(recipe, p, seed) for p in step.get("inputs", [])],
                 outputs=[resolve(recipe, p, seed) for p in step["outputs"]],
+                optional_inputs=[resolve(recipe, p, seed)
+                                 for p in step.get("optional_inputs", [])],
                 optional=bool(step.get("optional", False)),
                 reuse_existing=bool(step.get("reuse_existing", False))))
     return tasks
@@ -362,7 +511,9 @@ def hash_input(pattern: str) -> str:
 
 
 def fingerprint(task: Task) -> dict:
-    inputs = {p: hash_input(p) for p in task.inputs}
+    # one mapping for both kinds: moving a path between inputs and optional_inputs changes no
+    # fingerprint, so no step reruns for it
+    inputs = {p: hash_input(p) for p in [*task.inputs, *task.optional_inputs]}
     blob = json.dumps({"argv": task.argv, "inputs": inputs}, sort_keys=True)
     return {"fingerprint": hashlib.sha256(blob.encode()).hexdigest(), "inputs": inputs}
 
@@ -371,10 +522,70 @@ def load_state(run_dir: Path) -> dict:
     path = run_dir / STATE_FILE
     if not path.is_file():
         return {"version": 1, "steps": {}}
+    damaged = f"state file {path} is damaged"
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise RunnerError(f"state file {path} is damaged; delete it to rerun every step")
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunnerError(f"{damaged} (not JSON: {err}); delete it to rerun every step")
+    if not isinstance(state, dict) or not isinstance(state.get("steps"), dict):
+        raise RunnerError(f"{damaged} (no 'steps' object); delete it to rerun every step")
+    for key, entry in state["steps"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("fingerprint", ""), str):
+            raise RunnerError(f"{damaged} (entry {key!r} is not a step record); delete it to "
+                              "rerun every step")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# declared inputs: present, or written by an earlier step
+
+
+def input_exists(pattern: str) -> bool:
+    if glob.has_magic(pattern):
+        return bool(glob.glob(str(repo_path(pattern)), recursive=True))
+    return repo_path(pattern).exists()
+
+
+def may_write(output: str, pattern: str) -> bool:
+    """Could a step that declares `output` create `pattern`: the same path, a path inside it, or
+    a folder that will hold it. Globs are matched part by part over the shorter of the two."""
+    for out_part, in_part in zip(path_parts(output), path_parts(pattern)):
+        if in_part == "**":
+            return True
+        if out_part != in_part and not (glob.has_magic(in_part)
+                                         and fnmatch.fnmatchcase(out_part, in_part)):
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def path_parts(path: str) -> tuple[str, ...]:
+    # cached: the DAG compares every pair of tasks' paths (hundreds of tasks in a big recipe)
+    return Path(os.path.normpath(repo_path(path))).parts
+
+
+def check_inputs_declared(recipe: Recipe, tasks: list[Task]) -> None:
+    """Before anything runs: each required input exists now, or an earlier step declares it (or
+    a folder around it) as an output."""
+    produced: list[str] = []
+    for task in tasks:
+        if task.optional and not repo_path(task.argv[0]).is_file():
+            continue  # skipped: writes nothing
+        for pattern in task.inputs:
+            if not input_exists(pattern) and not any(may_write(o, pattern) for o in produced):
+                raise RunnerError(f"recipe {recipe.path}: step {task.label}: input {pattern} "
+                                  "does not exist and no earlier step writes it (a hub id, or "
+                                  "an input that may be absent, goes under optional_inputs)")
+        produced.extend(task.outputs)
+
+
+def check_inputs_present(task: Task) -> None:
+    """When the step comes up: what an earlier step should have written is there."""
+    missing = [p for p in task.inputs if not input_exists(p)]
+    if missing:
+        raise RunnerError(f"step {task.label}: input {missing[0]} does not exist (the steps "
+                          "before it did not write it; a hub id, or an input that may be "
+                          "absent, goes under optional_inputs)")
 
 
 def decide(task: Task, state: dict, forced: set[str]) -> str:
@@ -393,6 +604,119 @@ def decide(task: Task, state: dict, forced: set[str]) -> str:
     if recorded != fingerprint(task)["fingerprint"]:
         return "run (command or inputs changed)"
     return "skip (up to date)"
+
+
+# ---------------------------------------------------------------------------------------------
+# one runner per run dir
+
+
+class RunLock:
+    """<run_dir>/.runner.lock: an exclusive flock (the kernel drops it when its holder dies, so a
+    lock is never stale in the sense of blocking), with pid, host and start time inside for the
+    messages. The file is removed at a clean end; one left behind names a runner that died."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> dict | None:
+        """Take the lock; returns what a dead holder left in the file, else None."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._read(fd)
+                os.close(fd)
+                raise RunnerError(f"run dir {self.path.parent} is in use by another runner "
+                                  f"({describe_holder(holder)}; lock {self.path}); wait for it "
+                                  "to finish or stop it first")
+            except OSError as err:
+                os.close(fd)
+                raise RunnerError(f"cannot lock {self.path}: {err}")
+            # the holder may have removed the file between our open and flock: then we hold a
+            # lock on a deleted file, and must lock the path's current file instead
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        previous = self._read(fd)
+        me = {"pid": os.getpid(), "host": platform.node(),
+              "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "argv": sys.argv}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        os.fsync(fd)
+        self.fd = fd
+        return previous
+
+    @staticmethod
+    def _read(fd: int) -> dict | None:
+        text = os.pread(fd, 1 << 16, 0).decode("utf-8", "replace").strip()
+        if not text:
+            return None
+        try:
+            holder = json.loads(text)
+        except json.JSONDecodeError:
+            holder = None
+        return holder if isinstance(holder, dict) else {"unreadable": text[:100]}
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)  # while still holding it: nobody can take it in between
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def describe_holder(holder: dict | None) -> str:
+    if not holder:
+        return "holder unknown"
+    if "unreadable" in holder:
+        return f"lock file reads {holder['unreadable']!r}"
+    return (f"pid {holder.get('pid')} on host {holder.get('host')}, "
+            f"started {holder.get('started_utc')}")
+
+
+def remove_stale_temp(run_dir: Path) -> list[Path]:
+    """Every `.*.tmp` under the run dir. Only called with the lock held: no other runner works
+    here and the steps of earlier runners died with them, so each was left by a dead process."""
+    removed = []
+    for folder, dirs, files in os.walk(run_dir):
+        for name in [*dirs, *files]:
+            if not (name.startswith(".") and name.endswith(".tmp")):
+                continue
+            path = Path(folder) / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+        dirs[:] = [d for d in dirs if not (d.startswith(".") and d.endswith(".tmp"))]
+    return removed
+
+
+def take_run_dir(run_dir: Path, lock: RunLock) -> None:
+    previous = lock.acquire()
+    if previous is not None:
+        print(f"[runner] note: took over the lock {lock.path} left by a runner that is gone "
+              f"({describe_holder(previous)})", flush=True)
+    removed = remove_stale_temp(run_dir)
+    if removed:
+        shown = ", ".join(str(p.relative_to(run_dir)) for p in removed[:5])
+        more = f" and {len(removed) - 5} more" if len(removed) > 5 else ""
+        print(f"[runner] note: removed {len(removed)} temp folder(s)/file(s) an earlier, killed "
+              f"run left in {run_dir}: {shown}{more}", flush=True)
+
+
+def on_stop_signal(signum, frame):
+    raise Stopped(signum)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,19 +749,26 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def run_task(task: Task, python: str, run_dir: Path) -> float:
+def start_task(task: Task, python: str, run_dir: Path,
+               gpu: str | None) -> tuple[subprocess.Popen, Path]:
     script = repo_path(task.argv[0])
     if not script.is_file():
         raise StepFailed(f"step {task.step}: script {task.argv[0]} does not exist")
     log_path = run_dir / "logs" / f"{task.log_name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    start = time.time()
-    with open(log_path, "w") as log:
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    with open(log_path, "w") as log:  # the step keeps its own copy of the file descriptor
         log.write(f"$ {shlex.join([python, *task.argv])}\n")
         log.flush()
-        code = subprocess.run([python, *task.argv], cwd=ROOT, env=env, stdout=log,
-                              stderr=subprocess.STDOUT).returncode
+        # the step stays in the runner's process group: a signal to the group reaches both
+        step = subprocess.Popen([python, *task.argv], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
+    return step, log_path
+
+
+def check_finished(task: Task, code: int, log_path: Path) -> None:
     label = task.label
     if code != 0:
         raise StepFailed(f"step {label} failed with exit code {code}{last_error(log_path)}; "
@@ -446,7 +777,22 @@ def run_task(task: Task, python: str, run_dir: Path) -> float:
     if missing:
         raise StepFailed(f"step {label} exited 0 but did not write {', '.join(missing)}; "
                          f"log: {log_path}")
-    return time.time() - start
+
+
+def die_with_parent():
+    """A preexec function asking the kernel to SIGTERM the step when the runner dies, even by
+    SIGKILL, which no handler in the runner sees (Linux only; elsewhere None: the runner's
+    signal handlers still stop the step)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    runner_pid = os.getpid()
+
+    def preexec():
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != runner_pid:  # the runner died before prctl took effect
+            os._exit(128 + signal.SIGTERM)
+    return preexec
 
 
 def last_error(log_path: Path) -> str:
@@ -462,19 +808,240 @@ def record_success(state: dict, task: Task, fp: dict, wall_s: float, run_dir: Pa
     write_json_atomic(run_dir / STATE_FILE, state)
 
 
-def execute(recipe: Recipe, tasks: list[Task], forced: set[str], python: str) -> None:
-    run_dir = repo_path(recipe.run_dir)
-    state = load_state(run_dir)
-    for task in tasks:
-        decision = decide(task, state, forced)
-        if decision.startswith("skip"):
-            print(f"[runner] {task.key}: {decision}", flush=True)
-            continue
-        print(f"[runner] {task.key}: {decision}: {shlex.join(task.argv)}", flush=True)
-        fp = fingerprint(task)  # inputs as they are before the step runs
-        wall_s = run_task(task, python, run_dir)
-        record_success(state, task, fp, wall_s, run_dir)
-        print(f"[runner] {task.key}: done in {wall_s:.1f} s", flush=True)
+@dataclass
+class Running:
+    task: Task
+    slot: int
+    step: subprocess.Popen
+    log_path: Path
+    fp: dict        # the inputs as they were when it started
+    start: float
+
+
+class Scheduler:
+    """Runs the tasks over the slots: a task starts when the tasks it waits for are done, the
+    earliest ready one in recipe order first. One thread starts, reaps and records every step:
+    the state file has one writer, and PR_SET_PDEATHSIG fires when the *thread* that started a
+    step ends, so steps must not be started from worker threads. Polling the running steps
+    (every POLL_S) is what lets a plain signal handler interrupt the wait at any moment."""
+
+    def __init__(self, recipe: Recipe, tasks: list[Task], forced: set[str], python: str,
+                 slots: list[str | None]):
+        self.tasks, self.forced, self.python, self.slots = tasks, forced, python, slots
+        self.run_dir = repo_path(recipe.run_dir)
+        self.state = load_state(self.run_dir)
+        self.deps = dependencies(tasks)
+        self.sequential = len(slots) == 1   # the first failure ends the run, as it always did
+        self.show_slots = not (self.sequential and slots[0] is None)
+        self.pending = list(range(len(tasks)))      # recipe order
+        self.done: set[int] = set()                  # succeeded or skipped
+        self.failed: dict[int, Exception] = {}
+        self.left_out: dict[int, set[int]] = {}     # task -> the failed tasks it needed
+        self.running: dict[int, Running] = {}
+        self.free = list(range(len(slots)))
+
+    def run(self) -> None:
+        try:
+            while self.pending or self.running:
+                self.reap()
+                self.leave_out_dependants()
+                self.dispatch()
+                if self.sequential and self.running:
+                    next(iter(self.running.values())).step.wait()
+                elif self.running:
+                    time.sleep(POLL_S)
+        except BaseException as err:  # a failure (--jobs 1), Ctrl-C, SIGTERM/SIGHUP (Stopped)
+            if isinstance(err, Stopped) and not self.sequential:
+                err.running = [run.task.key for run in self.running.values()]
+            self.stop_all()
+            raise
+        if self.failed:
+            code = 1 if any(isinstance(e, StepFailed) for e in self.failed.values()) else 2
+            raise RunFailed(self.failure_lines(), code)
+
+    def reap(self) -> None:
+        for i, run in list(self.running.items()):
+            code = run.step.poll()
+            if code is None:
+                continue
+            with signals_held():  # a SIGTERM now would lose a finished step's record
+                del self.running[i]
+                self.free.append(run.slot)
+                self.free.sort()
+                wall_s = time.time() - run.start
+                try:
+                    check_finished(run.task, code, run.log_path)
+                except StepFailed as err:
+                    self.fail(i, err, f"failed after {wall_s:.1f} s{self.where(run.slot)}; "
+                                      f"log: {run.log_path}")
+                    continue
+                record_success(self.state, run.task, run.fp, wall_s, self.run_dir)
+                self.done.add(i)
+            print(f"[runner] {run.task.key}: done in {wall_s:.1f} s{self.where(run.slot)}",
+                  flush=True)
+
+    def leave_out_dependants(self) -> None:
+        """Drop every pending task that needs a failed one (directly or through a dropped one);
+        one pass suffices since a task waits only for earlier ones."""
+        for i in list(self.pending):
+            causes = set()
+            for j in self.deps[i]:
+                causes |= {j} if j in self.failed else self.left_out.get(j, set())
+            if causes:
+                self.pending.remove(i)
+                self.left_out[i] = causes
+                names = ", ".join(self.tasks[j].key for j in sorted(causes))
+                print(f"[runner] {self.tasks[i].key}: skip (needs {names}, which failed)",
+                      flush=True)
+
+    def dispatch(self) -> None:
+        while self.free:
+            i = next((i for i in self.pending if all(j in self.done for j in self.deps[i])), None)
+            if i is None:
+                return
+            self.pending.remove(i)
+            task = self.tasks[i]
+            if not (task.optional and not repo_path(task.argv[0]).is_file()):
+                try:
+                    check_inputs_present(task)
+                except RunnerError as err:
+                    self.fail(i, err, f"not started: {err}")
+                    continue
+            decision = decide(task, self.state, self.forced)
+            if decision.startswith("skip"):
+                print(f"[runner] {task.key}: {decision}", flush=True)
+                self.done.add(i)
+                continue
+            slot = self.free.pop(0)
+            print(f"[runner] {task.key}: {decision}{self.where(slot)}: {shlex.join(task.argv)}",
+                  flush=True)
+            fp = fingerprint(task)  # inputs as they are before the step runs
+            start = time.time()
+            try:
+                step, log_path = start_task(task, self.python, self.run_dir, self.slots[slot])
+            except StepFailed as err:
+                self.free = sorted([slot, *self.free])
+                self.fail(i, err, f"not started: {err}")
+                continue
+            self.running[i] = Running(task, slot, step, log_path, fp, start)
+
+    def fail(self, i: int, err: Exception, note: str) -> None:
+        if self.sequential:
+            raise err
+        self.failed[i] = err
+        print(f"[runner] {self.tasks[i].key}: {note}", flush=True)
+
+    def where(self, slot: int) -> str:
+        """' [slot 2/4, GPU 0, 14:03:07]', or '' when the run has one unpinned slot (as ever)."""
+        if not self.show_slots:
+            return ""
+        gpu = self.slots[slot]
+        parts = [f"slot {slot + 1}/{len(self.slots)}", *([f"GPU {gpu}"] if gpu else []),
+                 time.strftime("%H:%M:%S")]
+        return f" [{', '.join(parts)}]"
+
+    def stop_all(self) -> None:
+        """SIGTERM every running step (scripts clean up their staging on it), SIGKILL what is
+        left after one grace period; signals held, so a second SIGTERM cannot cut this short
+        and leave a step behind."""
+        with signals_held():
+            steps = [run.step for run in self.running.values() if run.step.poll() is None]
+            for step in steps:
+                step.terminate()
+            deadline = time.monotonic() + STEP_STOP_GRACE_S
+            for step in steps:
+                try:
+                    step.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    step.kill()
+                    step.wait()
+
+    def failure_lines(self) -> list[str]:
+        lines = []
+        for i in sorted(self.failed):
+            lines.append(f"error: {self.failed[i]}")
+            dropped = [self.tasks[j].key for j in sorted(self.left_out) if i in self.left_out[j]]
+            if dropped:
+                lines.append(f"skipped because {self.tasks[i].key} failed: {', '.join(dropped)}")
+        return lines
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Defer SIGTERM/SIGHUP/SIGINT over a piece of bookkeeping (delivered right after it). Never
+    around starting a step: a child would inherit the blocked mask and ignore SIGTERM."""
+    held = (*STOP_SIGNALS, signal.SIGINT)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def execute(recipe: Recipe, tasks: list[Task], forced: set[str], python: str,
+            slots: list[str | None]) -> None:
+    Scheduler(recipe, tasks, forced, python, slots).run()
+
+
+# ---------------------------------------------------------------------------------------------
+# slots and the DAG
+
+
+def plan_slots(jobs: int | None, gpus: str | None) -> list[str | None]:
+    """One entry per slot: the CUDA_VISIBLE_DEVICES of the steps it runs (None: left as the
+    runner's). --gpus lists the slots (an id may repeat); --jobs N cycles that list to N slots;
+    --jobs alone gives N unpinned slots."""
+    if jobs is not None and jobs < 1:
+        raise RunnerError(f"--jobs {jobs}: must be at least 1")
+    if gpus is None:
+        return [None] * (jobs or 1)
+    ids = [g.strip() for g in gpus.split(",")]
+    bad = [g for g in ids if not GPU_ID.match(g)]
+    if bad:
+        raise RunnerError(f"--gpus {gpus}: {bad[0]!r} is not a GPU id (expected ids separated by "
+                          "commas, an id repeated for several slots on one GPU: 0,0,1; or "
+                          "GPU-<uuid>)")
+    jobs = jobs or len(ids)
+    if jobs < len(ids):
+        raise RunnerError(f"--jobs {jobs} is fewer than the {len(ids)} slots of --gpus {gpus}: "
+                          "the last would never be used; list fewer GPUs or raise --jobs")
+    return [ids[i % len(ids)] for i in range(jobs)]
+
+
+def describe_slots(slots: list[str | None]) -> str:
+    return ", ".join(f"{n}={'GPU ' + gpu if gpu else 'unpinned'}"
+                     for n, gpu in enumerate(slots, 1))
+
+
+def reads(task: Task) -> list[str]:
+    return [*task.inputs, *task.optional_inputs]
+
+
+def must_follow(earlier: Task, later: Task) -> bool:
+    """`later` reads or rewrites what `earlier` writes, or rewrites what `earlier` reads."""
+    return (any(may_write(out, path) for out in earlier.outputs
+                for path in [*reads(later), *later.outputs])
+            or any(may_write(out, path) for out in later.outputs for path in reads(earlier)))
+
+
+def dependencies(tasks: list[Task]) -> list[list[int]]:
+    """For each task, the earlier tasks (indices) it waits for."""
+    return [[j for j in range(i) if must_follow(tasks[j], tasks[i])] for i in range(len(tasks))]
+
+
+def dag_lines(tasks: list[Task], deps: list[list[int]]) -> list[str]:
+    """Each task's level (1 + the deepest task it waits for) and the tasks it waits for, less
+    those it waits for anyway through another (shown once, not 30 times for a report step)."""
+    level, ancestors = [], []
+    for direct in deps:
+        level.append(1 + max((level[j] for j in direct), default=0))
+        ancestors.append(set(direct).union(*(ancestors[j] for j in direct)))
+    lines = ["# DAG: a task waits for the tasks after '<-'; those of one level may run at once"]
+    for i in sorted(range(len(tasks)), key=lambda i: (level[i], i)):
+        shown = [j for j in deps[i] if not any(j in ancestors[k] for k in deps[i])]
+        after = f" <- {', '.join(tasks[j].key for j in shown)}" if shown else ""
+        lines.append(f"# level {level[i]}: {tasks[i].key}{after}")
+    return lines
 
 
 def main(argv=None) -> None:
@@ -485,18 +1052,33 @@ def main(argv=None) -> None:
     if unknown:
         raise RunnerError(f"--force {', '.join(unknown)}: no such step in {recipe.path} "
                           f"(steps: {', '.join(names)})")
+    slots = plan_slots(args.jobs, args.gpus)
     tasks = plan_tasks(recipe)
+    check_inputs_declared(recipe, tasks)
     text = commands_text(recipe, tasks)
     if args.dry_run:
         state = load_state(repo_path(recipe.run_dir))
         print(text, end="")
         for task in tasks:
             print(f"# {task.key}: {decide(task, state, set(args.force))}")
+        print("\n".join(dag_lines(tasks, dependencies(tasks))))
+        print(f"# slots: {describe_slots(slots)}")
         return
     run_dir = repo_path(recipe.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "commands.sh", text)
-    execute(recipe, tasks, set(args.force), args.python)
+    handlers = {signum: signal.signal(signum, on_stop_signal) for signum in STOP_SIGNALS}
+    lock = RunLock(run_dir)
+    try:
+        take_run_dir(run_dir, lock)
+        write_text_atomic(run_dir / "commands.sh", text)
+        if slots != [None]:
+            print(f"[runner] up to {len(slots)} step(s) at once; slots: {describe_slots(slots)}",
+                  flush=True)
+        execute(recipe, tasks, set(args.force), args.python, slots)
+    finally:
+        lock.release()
+        for signum, handler in handlers.items():  # main() may run inside another program
+            signal.signal(signum, handler)
     print(f"[runner] all steps done; commands: {run_dir / 'commands.sh'}")
 
 
@@ -509,7 +1091,20 @@ if __name__ == "__main__":
     except StepFailed as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except RunFailed as failed:
+        print("\n".join(failed.lines), file=sys.stderr)
+        sys.exit(failed.code)
     except KeyboardInterrupt:
         print("error: interrupted; the same command resumes at the step that was running",
               file=sys.stderr)
         sys.exit(130)
+    except Stopped as stop:
+        name = signal.Signals(stop.signum).name
+        if stop.running is None:
+            print(f"error: stopped by {name} (the running step was stopped with it); the same "
+                  "command resumes at that step", file=sys.stderr)
+        else:
+            print(f"error: stopped by {name} ({len(stop.running)} running step(s) stopped with "
+                  f"it: {', '.join(stop.running) or 'none'}); the same command resumes at them",
+                  file=sys.stderr)
+        sys.exit(128 + stop.signum)

@@ -43,6 +43,12 @@ class FakeApi:
     """Scripted replies. Clues are 'mystery item N'; the server remembers N -> target, so the
     guessers can answer right or wrong on purpose."""
 
+    key = KEY
+
+    def rejected(self, authorization):
+        """The body of the 401 answer to a request without the right key."""
+        return {"error": {"message": "invalid key"}}
+
     def __init__(self, block_after=None, max_requests=3000):
         self.lock = threading.Lock()
         self.requests = []
@@ -120,8 +126,9 @@ def serve(api: FakeApi):
         def do_POST(self):
             if self.path != "/v1/chat/completions":
                 return self.send(404, {}, {"error": "no such path"})
-            if self.headers.get("Authorization") != f"Bearer {KEY}":
-                return self.send(401, {}, {"error": {"message": "invalid key"}})
+            authorization = self.headers.get("Authorization", "")
+            if authorization != f"Bearer {api.key}":
+                return self.send(401, {}, api.rejected(authorization))
             length = int(self.headers.get("Content-Length", 0))
             body = json.loads(self.rfile.read(length))
             assert body["model"] and body["messages"]
@@ -461,3 +468,95 @@ def test_instances_source_matches_dataset_layout(fake_api, tmp_path):
         assert (meta["experiment"], meta["task_id"]) == ids[meta["target_word"]]
         assert meta["outcome"] == "success"
         assert row["messages"][0]["content"].startswith("You are playing a collaborative word")
+
+
+# ---------------------------------------------------------------------------------------------
+# a server that echoes the key into its error texts, placed across the 200-character cut
+
+# letters that no other output text holds, so any 6 of them in a row are a piece of the key
+LEAK_KEY = "sk-leak-QzXvWpLmTrBnHgFdKsJwYcUa"
+
+
+class LeakyApi(FakeApi):
+    """apple: HTTP 500 (retried, then given up), storm: HTTP 400, river: HTTP 200 with an error
+    payload, each with the key straddling the 200th character of the text the generator cuts;
+    cloud: a clue that carries 12 characters of the key; a wrong key: a 401 that echoes it."""
+
+    key = LEAK_KEY
+
+    def reply(self, body):
+        if body["model"] == "describer":
+            target = self.target_of_describer(body["messages"])
+            with self.lock:
+                self.requests.append(body["model"])
+            # '{"error": "' is 11 characters, "{'message': '" 13: the key starts at 190-193
+            if target == "apple":
+                return 500, {}, {"error": "x" * 179 + self.key + " tail"}, 0
+            if target == "storm":
+                return 400, {}, {"error": "x" * 181 + self.key + " tail"}, 0
+            if target == "river":
+                return 200, {}, {"error": {"message": "z" * 180 + self.key + " tail"}}, 0
+            if target == "cloud":
+                with self.lock:
+                    number = len(self.clue_targets)
+                    self.clue_targets[number] = target
+                return 200, {}, self.completion(f"CLUE: mystery item {number} "
+                                                f"{self.key[3:15]}"), 0
+        return super().reply(body)
+
+    def rejected(self, authorization):
+        return {"error": {"message": "y" * 177 + authorization.removeprefix("Bearer ")}}
+
+
+def key_pieces(key, n=6):
+    return {key[i:i + n] for i in range(len(key) - n + 1)}
+
+
+def assert_no_piece_of_key(key, folder, *texts):
+    blobs = {str(p): p.read_bytes().decode("utf-8", "replace")
+             for p in folder.rglob("*") if p.is_file()}
+    blobs.update({f"text {i}": t for i, t in enumerate(texts)})
+    assert blobs
+    for piece in key_pieces(key):
+        for where, blob in blobs.items():
+            assert piece not in blob, f"{piece!r} of the key is in {where}"
+
+
+def test_no_piece_of_the_key_reaches_outputs_or_logs(tmp_path):
+    server, url = serve(LeakyApi())
+    try:
+        words = write_words(tmp_path / "words.jsonl")
+        out = tmp_path / "out"
+        result = run_generator(generator_args(url, out, words, guessers=["guesser-good"],
+                                              games=len(WORDS)), key=LEAK_KEY)
+        games = {g["target_word"]: g for g in read_jsonl(out / "games.jsonl")}
+        # the leaks happened where the test put them, and were caught
+        assert games["apple"]["abort_reason"] == "api_error"
+        assert games["apple"]["error"].startswith("HTTP 500: ") and "***" in games["apple"]["error"]
+        assert games["storm"]["error"].startswith("HTTP 400: ") and "***" in games["storm"]["error"]
+        assert "API error" in games["river"]["error"] and "***" in games["river"]["error"]
+        assert games["cloud"]["outcome"] == "success" and games["cloud"]["clues"][0].endswith(
+            " ***")
+        assert_no_piece_of_key(LEAK_KEY, out, result.stdout, result.stderr)
+        # a rejected key echoed back at the cut: the one error line holds none of it either
+        wrong = "sk-wrong-HqPzRtVxNmLkJgFdSaQwEr"
+        rejected = run_generator(generator_args(url, tmp_path / "out2", words,
+                                                guessers=["guesser-good"], games=2),
+                                 key=wrong, expect_ok=False)
+        assert rejected.returncode == 2 and "HTTP 401" in rejected.stderr
+        assert_no_piece_of_key(wrong, tmp_path / "out2", rejected.stdout, rejected.stderr)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_redact_key_takes_out_every_piece():
+    import generate_synthetic_openrouter as gen
+
+    key = "sk-or-v1-0123456789abcdef"
+    assert gen.redact_key(f"a {key} b", key) == "a *** b"
+    assert gen.redact_key(f"cut here {key[:9]}", key) == "cut here ***"
+    assert gen.redact_key(f"hint {key[:6]}...{key[-6:]} end", key) == "hint ***...*** end"
+    assert gen.redact_key(f"short {key[:5]}", key) == f"short {key[:5]}"   # under 6: kept
+    assert gen.redact_key("nothing here", key) == "nothing here"
+    assert gen.redact_key("text", "") == "text"

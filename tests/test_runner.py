@@ -5,8 +5,10 @@ recipes name only scripts and flags that exist."""
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -379,3 +381,218 @@ def test_recipes_name_existing_scripts_and_flags():
         for flag in sorted(runnable[(script, sub)]):
             assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", out), \
                 f"{script} {sub or ''} has no {flag} (recipes use it)"
+
+
+# ---------------------------------------------------------------------------------------------
+# declared inputs: a missing one is an error unless it is an optional input (a hub id)
+
+
+def test_missing_input_is_an_error_unless_optional(stand_in):
+    recipe, run_dir = stand_in
+    text = recipe.read_text()
+    # a mistyped input no step writes: refused before anything runs or is written
+    recipe.write_text(text.replace('inputs = ["{run_dir}/a.json"]\noutputs = ["{seed_dir}/b.json"]',
+                                   'inputs = ["{run_dir}/a.jsn"]\noutputs = ["{seed_dir}/b.json"]'))
+    result = runner(recipe, run_dir, expect_ok=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: recipe {recipe}: step train (seed 7): input "
+                                    f"{run_dir}/a.jsn does not exist and no earlier step writes")
+    assert "optional_inputs" in result.stderr and not run_dir.exists()
+    # a hub id (or any input that may be absent) goes under optional_inputs: fingerprinted as
+    # missing, no error; moving an existing path there changes no fingerprint
+    recipe.write_text(text.replace('inputs = ["{run_dir}/a.json"]\noutputs = ["{seed_dir}/b.json"]',
+                                   'inputs = ["{run_dir}/a.json"]\noutputs = ["{seed_dir}/b.json"]'
+                                   '\noptional_inputs = ["some-org/some-model"]'))
+    first = runner(recipe, run_dir)
+    assert decisions(first.stdout)["train@seed7"] == "run"
+    state = load(run_dir / ".runner_state.json")["steps"]
+    assert state["train@seed7"]["inputs"] == {f"{run_dir}/a.json": state["train@seed7"]["inputs"][
+        f"{run_dir}/a.json"], "some-org/some-model": "missing"}
+    moved = recipe.read_text().replace(
+        'inputs = ["{run_dir}/a.json"]\noutputs = ["{seed_dir}/b.json"]\n'
+        'optional_inputs = ["some-org/some-model"]',
+        'inputs = []\noutputs = ["{seed_dir}/b.json"]\n'
+        'optional_inputs = ["some-org/some-model", "{run_dir}/a.json"]')
+    assert moved != recipe.read_text()
+    recipe.write_text(moved)
+    assert decisions(runner(recipe, run_dir).stdout)["train@seed7"] == "skip (up to date)"
+    # an input an earlier step should have written inside its output folder, but did not: an
+    # error when its step comes up, after the steps before it ran
+    moved = moved.replace('outputs = ["{run_dir}/side/d.json"]',
+                          'outputs = ["{run_dir}/side/d.json", "{run_dir}/side"]')
+    recipe.write_text(moved + '''
+[[steps]]
+name = "late"
+run = "{step} --in {run_dir}/side/nope.json --out {run_dir}/late.json"
+inputs = ["{run_dir}/side/nope.json"]
+outputs = ["{run_dir}/late.json"]
+''')
+    late = runner(recipe, run_dir, expect_ok=False)
+    assert late.returncode == 2
+    assert late.stderr == (f"error: step late: input {run_dir}/side/nope.json does not exist (the "
+                           "steps before it did not write it; a hub id, or an input that may be "
+                           "absent, goes under optional_inputs)\n")
+    assert not (run_dir / "late.json").exists()
+
+
+def test_recipe_type_errors_are_one_line(stand_in):
+    recipe, run_dir = stand_in
+    text = recipe.read_text()
+    one_step = text[:text.index("[[steps]]", text.index("[[steps]]") + 1)]
+    cases = [
+        (text, one_step.replace("[[steps]]", "[steps]"), "steps is a [steps] table"),
+        ("seeds = [7]", 'seeds = ["a"]', "seeds: 'a' is not a non-negative integer"),
+        ("seeds = [7]", "seeds = [1.5]", "seeds: 1.5 is not a non-negative integer"),
+        ("seeds = [7]", "seeds = 7", "[recipe] seeds must be an array, not an integer"),
+        ("seeds = [7]", "seeds = [-1]", "seeds: -1 is not a non-negative integer"),
+        ("seeds = [7]", "seeds = [3, 3]", "lists a seed twice"),
+        ("seeds = [7]", 'seeds = [7]\nbase_seed = "x"', "[recipe] base_seed must be an integer"),
+        ("seeds = [7]", 'seeds = [7]\nper_seed_split = "yes"', "per_seed_split must be a boolean"),
+        ("[vars]", "[vars]\nnested = {a = 1}", "[vars] nested must be a string or a number"),
+        ('name = "make"', 'name = "make"\noptional = "yes"', "optional must be true or false"),
+        ('outputs = ["{run_dir}/a.json"]', 'outputs = "{run_dir}/a.json"',
+         "outputs must be a list of strings"),
+        ("per_seed = true", "per_seed = 1", 'per_seed must be true, false or "split"'),
+    ]
+    for old, new, message in cases:
+        assert old in text, old
+        recipe.write_text(text.replace(old, new, 1))
+        result = runner(recipe, run_dir, expect_ok=False)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, (new, result.stderr)
+        assert result.stderr.startswith("error: ") and message in result.stderr, (new,
+                                                                                  result.stderr)
+        assert not run_dir.exists()
+    recipe.write_text(text)
+    result = runner(recipe, run_dir, "--seeds", "-2", expect_ok=False)
+    assert result.returncode == 2 and "--seeds: -2 is not a non-negative integer" in result.stderr
+    # a malformed state file: one line, naming the file, whatever its shape
+    runner(recipe, run_dir)
+    state = run_dir / ".runner_state.json"
+    for damage in ("{not json", "[]", '{"steps": []}', '{"steps": {"make": 3}}',
+                   '{"steps": {"make": {"fingerprint": 5}}}', b"\xff\xfe"):
+        state.write_bytes(damage if isinstance(damage, bytes) else damage.encode())
+        for extra in ((), ("--dry-run",)):
+            result = runner(recipe, run_dir, *extra, expect_ok=False)
+            assert result.returncode == 2 and result.stderr.count("\n") == 1, (damage,
+                                                                               result.stderr)
+            assert result.stderr.startswith(f"error: state file {state} is damaged"), damage
+        assert not (run_dir / ".runner.lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# one runner per run dir; its steps die with it
+
+BLOCKING_STEP = """import os, pathlib, sys, time
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+pid = pathlib.Path(args["--pid"])
+pid.with_suffix(".part").write_text(str(os.getpid()))
+pid.with_suffix(".part").rename(pid)
+deadline = time.time() + 120
+while pathlib.Path(args["--hold"]).exists() and time.time() < deadline:
+    time.sleep(0.05)
+out = pathlib.Path(args["--out"])
+out.parent.mkdir(parents=True, exist_ok=True)
+out.write_text("done")
+"""
+
+
+@pytest.fixture
+def blocking(tmp_path):
+    (tmp_path / "block.py").write_text(BLOCKING_STEP)
+    (tmp_path / "hold").write_text("")
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'''
+[recipe]
+run_dir = "{tmp_path}/run"
+seeds = [1]
+[[steps]]
+name = "block"
+run = "{tmp_path}/block.py --pid {tmp_path}/step.pid --hold {tmp_path}/hold --out {{run_dir}}/x"
+outputs = ["{{run_dir}}/x"]
+''')
+    started = []
+
+    def start():
+        (tmp_path / "step.pid").unlink(missing_ok=True)
+        process = subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), str(recipe)],
+                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, start_new_session=True)
+        started.append(process)
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "step.pid").exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the step never started"
+            time.sleep(0.05)
+        return process, int((tmp_path / "step.pid").read_text())
+
+    yield {"recipe": recipe, "run_dir": tmp_path / "run", "hold": tmp_path / "hold",
+           "start": start}
+    for process in started:  # whatever a failed assertion left running
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.communicate()
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")  # a zombie has died; it waits for init to reap it
+
+
+def wait_dead(pid: int, seconds: float = 15) -> bool:
+    deadline = time.monotonic() + seconds
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not alive(pid)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_second_runner_refused_and_stale_lock_taken_over(blocking):
+    recipe, run_dir = blocking["recipe"], blocking["run_dir"]
+    first, step_pid = blocking["start"]()
+    assert os.getpgid(step_pid) == os.getpgid(first.pid)   # the step is in the runner's group
+    lock = run_dir / ".runner.lock"
+    assert json.loads(lock.read_text())["pid"] == first.pid
+    second = runner(recipe, run_dir, expect_ok=False)
+    assert second.returncode == 2 and second.stderr.count("\n") == 1
+    assert second.stderr.startswith(f"error: run dir {run_dir} is in use by another runner "
+                                    f"(pid {first.pid} on host ")
+    assert "[runner]" not in second.stdout and alive(step_pid)
+    # SIGKILL, which the runner cannot handle: the kernel stops its step (PR_SET_PDEATHSIG)
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=30)
+    assert wait_dead(step_pid), "the step outlived its runner"
+    assert json.loads(lock.read_text())["pid"] == first.pid   # left behind: stale
+    # temp folders and files the killed run left; a hidden non-temp file stays
+    (run_dir / ".x.abc123.tmp" / "part").mkdir(parents=True)
+    (run_dir / "seed_1").mkdir()
+    (run_dir / "seed_1" / ".eval.json.k2j3.tmp").write_text("{")
+    (run_dir / ".keep").write_text("")
+    blocking["hold"].unlink()
+    third = runner(recipe, run_dir)
+    assert (f"[runner] note: took over the lock {lock} left by a runner that is gone "
+            f"(pid {first.pid} on host ") in third.stdout
+    assert "removed 2 temp folder(s)/file(s)" in third.stdout
+    assert not (run_dir / ".x.abc123.tmp").exists()
+    assert not (run_dir / "seed_1" / ".eval.json.k2j3.tmp").exists()
+    assert (run_dir / ".keep").exists() and (run_dir / "x").read_text() == "done"
+    assert not lock.exists()                                  # a clean end removes it
+    again = runner(recipe, run_dir)
+    assert "note:" not in again.stdout
+    assert decisions(again.stdout) == {"block": "skip (up to date)"}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killing_the_runner_kills_its_step(blocking):
+    process, step_pid = blocking["start"]()
+    process.send_signal(signal.SIGTERM)                       # the runner's pid only
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert err.count("\n") == 1 and err.startswith("error: stopped by SIGTERM")
+    assert wait_dead(step_pid), "the step outlived its runner"
+    assert not (blocking["run_dir"] / ".runner.lock").exists()
+    assert not (blocking["run_dir"] / "x").exists()
