@@ -38,7 +38,7 @@ import json
 import math
 from pathlib import Path
 
-from pipeline import PipelineError, provenance, run_main, write_json_atomic
+from pipeline import PipelineError, provenance, run_main, seed_type, write_json_atomic
 
 
 def parse_args(argv=None):
@@ -53,7 +53,7 @@ def parse_args(argv=None):
                    help="which model's losses in each file to compare (default: finetuned)")
     p.add_argument("--bootstrap", type=int, default=10000,
                    help="bootstrap resamples (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
+    p.add_argument("--seed", type=seed_type, default=0, help="bootstrap seed (default: %(default)s)")
     p.add_argument("--output-json", default=None, help="also write the result here")
     return p.parse_args(argv)
 

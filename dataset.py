@@ -77,8 +77,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import (MANIFEST_SCHEMA_VERSION, SPLIT_COLUMNS, PipelineError, provenance,
-                      relative_to, run_main, write_json_atomic)
+from pipeline import (MANIFEST_SCHEMA_VERSION, PipelineError, SPLIT_COLUMNS, provenance,
+                      relative_to, run_main, seed_type, write_json_atomic)
 from taboo import (DEFAULT_INSTANCES, frequency_level, load_instances, normalize_word, parse_guess,
                    same_word)
 
@@ -113,7 +113,7 @@ def parse_args(argv=None):
     p.add_argument("--train-size", type=int, default=8000, help="rows in train_base (default: 8000)")
     p.add_argument("--query-size", type=int, default=500, help="rows in attr_query (default: 500)")
     p.add_argument("--eval-size", type=int, default=500, help="rows in eval (default: 500)")
-    p.add_argument("--seed", type=int, default=42, help="sampling seed (default: 42)")
+    p.add_argument("--seed", type=seed_type, default=42, help="sampling seed (default: 42)")
     p.add_argument("--max-conversation-tokens", type=int, default=2000,
                    help="drop rows whose conversation_tokens exceed this (default: 2000)")
     p.add_argument("--min-reward-model-score", type=float, default=None,
@@ -145,7 +145,7 @@ def parse_args(argv=None):
     corrupt.add_argument("--corrupt-fraction", type=float, default=0.0,
                          help="fraction of train_base rows whose completion is swapped with "
                               "another train_base row's, in [0, 1] (default: 0 = off)")
-    corrupt.add_argument("--corrupt-seed", type=int, default=None,
+    corrupt.add_argument("--corrupt-seed", type=seed_type, default=None,
                          help="seed of the corruption draws (default: --seed)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing run in --run-dir (its manifest.json and data/, "
@@ -262,9 +262,13 @@ def flatten_row(row: dict) -> tuple[list[dict] | None, str | None, str | None]:
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
         return None, None, "missing or empty messages"
-    for message in messages:
+    for number, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             return None, None, "a message without role/content"
+        for key in ("role", "content"):
+            if not isinstance(message[key], str):
+                return None, None, (f"message {number} has a {key} of type "
+                                    f"{type(message[key]).__name__}, not a string")
     if messages[-1]["role"] != "assistant":
         return None, None, f"final turn is from '{messages[-1]['role']}', not the assistant"
     completion = messages[-1]["content"]
@@ -274,6 +278,16 @@ def flatten_row(row: dict) -> tuple[list[dict] | None, str | None, str | None]:
     if not isinstance(completion, str) or not completion.strip():
         return None, None, "empty final assistant turn"
     return prompt, completion, None
+
+
+def metadata_type_problem(row: dict) -> str | None:
+    """Numbers must be numbers: a string reward or token count would compare and sort wrongly."""
+    for column, kinds, what in (("conversation_tokens", (int,), "a whole number"),
+                                ("reward_model_score", (int, float), "a number")):
+        value = row.get(column)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            return f"column {column} is {type(value).__name__} {value!r:.40}, not {what}"
+    return None
 
 
 def is_null(value) -> bool:
@@ -340,6 +354,7 @@ def build_rows(source: dict[str, list[dict]], source_label: str, args) -> tuple[
                 raise PipelineError(f"{source_label} split '{split}' row {index}: missing "
                                     f"column(s) {', '.join(missing)}")
             prompt, completion, problem = flatten_row(row)
+            problem = problem or metadata_type_problem(row)
             if problem is not None:
                 if not args.drop_bad_rows:
                     raise PipelineError(f"{source_label} split '{split}' row {index}: {problem} "
@@ -482,6 +497,7 @@ def build_taboo_rows(source: dict[str, list[dict]], source_label: str, args) -> 
                 counts[f"dropped_outcome_{outcome}"] += 1
                 continue
             prompt, completion, problem = flatten_row(row)
+            problem = problem or metadata_type_problem(row)
             if problem is not None:
                 bad(counts, where, problem, "dropped_unflattenable")
                 continue
@@ -798,6 +814,8 @@ def run_taboo_checks(splits: dict[str, list[dict]]) -> list[str]:
 
 def check_run_dir(run_dir: Path, overwrite: bool, source_label: str) -> None:
     """Before any work: an existing run needs --overwrite, and data/ must be dataset.py's own."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PipelineError(f"--run-dir {run_dir} exists and is not a folder")
     manifest_path = run_dir / "manifest.json"
     if manifest_path.exists() and not overwrite:
         raise PipelineError(f"{manifest_path} already exists (pass --overwrite to replace it)")

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from pipeline import (PipelineError, base_model_of_adapter, check_adapter_dir, check_output_file,
                       length_sorted_batches, load_manifest, load_model_with_adapter, load_split,
                       load_tokenizer, pick_device, pick_dtype, prompt_messages, provenance,
-                      run_main, write_json_atomic)
+                      run_main, seed_type, write_json_atomic)
 from taboo import normalize_word, parse_guess, same_word
 
 BASE_NAME = "base"
@@ -63,7 +63,7 @@ def parse_args(argv=None):
                    help="0 = greedy decoding (default); > 0 samples at this temperature")
     p.add_argument("--top-p", type=float, default=1.0,
                    help="nucleus sampling mass when --temperature > 0 (default: 1.0)")
-    p.add_argument("--seed", type=int, default=42,
+    p.add_argument("--seed", type=seed_type, default=42,
                    help="torch seed, set before each model's generation (default: 42)")
     p.add_argument("--batch-size", type=int, default=16,
                    help="prompts per generation batch, batched by length (default: 16)")

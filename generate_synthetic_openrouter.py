@@ -67,7 +67,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline import (PipelineError, provenance, publish_dir, run_main, staging_dir,
+from pipeline import (PipelineError, provenance, publish_dir, run_main, seed_type, staging_dir,
                       write_json_atomic, write_jsonl_atomic)
 from taboo import DEFAULT_INSTANCES, clue_violations, load_instances, parse_guess, same_word
 
@@ -136,7 +136,7 @@ def parse_args(argv=None):
                    help="games per Guesser model (default: 20)")
     p.add_argument("--max-turns", type=int, default=3,
                    help="guesses per game, the Describer clues before each (default: 3)")
-    p.add_argument("--seed", type=int, default=42,
+    p.add_argument("--seed", type=seed_type, default=42,
                    help="order of the target words; also sent as the request seed "
                         "(default: 42)")
     p.add_argument("--checkpoint-every", type=int, default=10,

@@ -52,7 +52,7 @@ import tempfile
 from decimal import Decimal
 from pathlib import Path
 
-from pipeline import PipelineError, run_main
+from pipeline import PipelineError, run_main, seed_type
 
 DIFFICULTIES = ["very easy", "easy", "medium", "hard", "very hard"]
 SOURCE = "make_demo_data"
@@ -149,7 +149,7 @@ def parse_args(argv=None):
     p.add_argument("--output", default="runs/demo/data.jsonl.gz",
                    help="output file, .jsonl or .jsonl.gz (default: %(default)s)")
     p.add_argument("--rows", type=int, default=600, help="rows to write (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="generation seed (default: %(default)s)")
+    p.add_argument("--seed", type=seed_type, default=0, help="generation seed (default: %(default)s)")
     p.add_argument("--wrong-fraction", type=float, default=0.1,
                    help="fraction of rows whose assistant answer is planted wrong "
                         "(default: %(default)s)")

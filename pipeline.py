@@ -46,6 +46,19 @@ def add_alias(parser, old_flag: str, dest: str) -> None:
                         type=canonical.type, choices=canonical.choices, nargs=canonical.nargs)
 
 
+def seed_type(text: str) -> int:
+    """argparse type of a --seed: numpy's generators take only seeds >= 0."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a seed must be >= 0, got {value}")
+    return value
+
+
 def run_main(main) -> None:
     """Run a script's main(), turning PipelineError into a one-line message and exit code 2."""
     try:
@@ -246,6 +259,8 @@ def load_manifest(path: str | Path) -> dict:
     if not isinstance(splits, dict) or not splits:
         raise PipelineError(f"manifest {path} has no 'splits' mapping")
     for name, entry in splits.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise PipelineError(f"manifest {path}: split '{name}' has no 'path' string")
         split_dir = resolve_split_path(path, entry)
         if not split_dir.exists():
             raise PipelineError(f"manifest {path}: split '{name}' points to {split_dir}, "

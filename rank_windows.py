@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from pipeline import (PipelineError, add_alias, load_manifest, load_split, read_json, read_jsonl,
-                      run_main, write_selection_manifest)
+                      run_main, seed_type, write_selection_manifest)
 from subsets import random_rows
 
 
@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--random-from", type=int, nargs=2, action="append", default=[],
                    metavar=("M", "C"), help="a split of M random rows ranked C or worse "
                                             "(repeatable)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the random splits")
+    p.add_argument("--seed", type=seed_type, default=42, help="seed of the random splits")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return p.parse_args(argv)
 

@@ -119,7 +119,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import write_json_atomic
+from pipeline import PipelineError, write_json_atomic
 
 ROOT = Path(__file__).resolve().parent
 STATE_FILE = ".runner_state.json"
@@ -143,7 +143,7 @@ GPU_ID = re.compile(r"^(\d+|(GPU|MIG)-[A-Za-z0-9./-]+)$")  # what CUDA_VISIBLE_D
 POLL_S = 0.05  # how often the runner looks at its running steps (--jobs > 1)
 
 
-class RunnerError(Exception):
+class RunnerError(PipelineError):
     """A problem with the recipe or the command line; printed as one `error:` line, exit 2."""
 
 

@@ -60,7 +60,7 @@ from types import SimpleNamespace
 from tqdm import tqdm
 
 from pipeline import (PipelineError, add_alias, check_output_dir, load_manifest, load_split,
-                      provenance, read_json, read_jsonl, run_main, staged_output,
+                      provenance, read_json, read_jsonl, run_main, seed_type, staged_output,
                       write_json_atomic, write_jsonl_atomic, write_selection_manifest)
 from subsets import RANDOM_MATCHES, choose_subsets, rank_rows
 
@@ -114,7 +114,7 @@ def parse_args(argv=None):
                    help="comma-separated ridge penalty grid (default: %(default)s)")
     p.add_argument("--no-log1p", action="store_true",
                    help="use the raw feature means instead of sign(x)*log1p(|x|)")
-    p.add_argument("--seed", type=int, default=42, help="splits and selection (default: 42)")
+    p.add_argument("--seed", type=seed_type, default=42, help="splits and selection (default: 42)")
     p.add_argument("--output-root", default="runs/smoltalk_v1/sae_predictor",
                    help="output folder (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output-root")

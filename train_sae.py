@@ -36,8 +36,8 @@ from tqdm import tqdm
 from pipeline import (DEFAULT_BASE_MODEL, PipelineError, add_alias, check_adapter_dir,
                       check_output_dir, length_sorted_batches, load_manifest,
                       load_model_with_adapter, load_split, load_tokenizer, pad_batch, pick_device,
-                      pick_dtype, provenance, resolve_base_model, run_main, staged_output,
-                      tokenize_split, write_json_atomic)
+                      pick_dtype, provenance, resolve_base_model, run_main, seed_type,
+                      staged_output, tokenize_split, write_json_atomic)
 from sae_analysis import (check_layer, decoder_layers, pooled_mask,
                           resid_post_hook_name, residual_after_layer)
 
@@ -91,7 +91,7 @@ def parse_args(argv=None):
                    help="tokens per row, truncated as in finetune.py (default: 2048)")
     p.add_argument("--model-batch-size", type=int, default=8,
                    help="rows per model forward pass (default: 8)")
-    p.add_argument("--seed", type=int, default=42, help="SAE init and row order (default: 42)")
+    p.add_argument("--seed", type=seed_type, default=42, help="SAE init and row order (default: 42)")
     p.add_argument("--output-dir", default="runs/smoltalk_v1/local_sae",
                    help="SAE folder (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")

@@ -1,0 +1,328 @@
+"""Bad input, table-driven, across the scripts: every case ends with exit code 2, exactly one
+`error:` line naming the file / split / column / flag at fault, and nothing left behind in the
+case's folder (no output, no hidden temp folder). Cases run in-process (the scripts' main() under
+pipeline.run_main), so the table stays fast; each case gets a fresh copy of a small run."""
+
+import importlib
+import json
+import os
+import re
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+import tiny
+from conftest import run_script
+
+import pipeline
+
+
+# ---------------------------------------------------------------------------------------------
+# a small run every case starts from (copied per case)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("bad_input_template")
+    source = tiny.write_jsonl(root / "chat.jsonl", tiny.smoltalk_rows(90, seed=5))
+    run_script("dataset.py", "--run-dir", root / "run", "--dataset-name", source,
+               "--group-column", "instruction_id", "--train-size", 30, "--query-size", 6,
+               "--eval-size", 6, "--seed", 1)
+    adapter = root / "run" / "base_adapter"   # enough for the checks that run before a load
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": str(tiny_model), "peft_type": "LORA"}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    scores = root / "run" / "scores"
+    scores.mkdir()
+    (scores / "summary.json").write_text(json.dumps({"train_split": "train_base"}))
+    (scores / "train_scores.jsonl").write_text("")
+    evals = root / "evals"
+    evals.mkdir()
+    rows = [{"row_id": f"r{i}", "finetuned_nll_sum": 2.0 + i, "supervised_tokens": 4}
+            for i in range(6)]
+    tiny.write_jsonl(evals / "a.per_example.jsonl", rows)
+    tiny.write_jsonl(evals / "b.per_example.jsonl", rows)
+    write_broken_sources(root)
+    write_bad_manifests(root)
+    write_bad_recipes(root)
+    tiny.write_jsonl(evals / "dup.per_example.jsonl", rows + [rows[1]])
+    tiny.write_jsonl(evals / "nofield.per_example.jsonl",
+                     [{k: v for k, v in r.items() if k != "supervised_tokens"} for r in rows])
+    foreign = root / "foreign"          # somebody else's folder: --overwrite must not touch it
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine\n")
+    return root
+
+
+def write_broken_sources(root: Path) -> None:
+    """One source file per row-level breakage, each in row 3."""
+    breakages = {
+        "content_int": lambda r: r["messages"][0].update(content=7),
+        "content_list": lambda r: r["messages"][-1].update(content=["a", "b"]),
+        "content_null": lambda r: r["messages"][0].update(content=None),
+        "tokens_str": lambda r: r.update(conversation_tokens="12"),
+        "reward_str": lambda r: r.update(reward_model_score="0.5"),
+        "group_null": lambda r: r.update(instruction_id=None),
+    }
+    for name, breakage in breakages.items():
+        rows = tiny.smoltalk_rows(90, seed=5)
+        breakage(rows[3])
+        tiny.write_jsonl(root / f"{name}.jsonl", rows)
+
+
+def write_bad_manifests(root: Path) -> None:
+    folder = root / "bad_manifest"
+    folder.mkdir()
+    (folder / "list.json").write_text(json.dumps({"splits": [{"path": "x"}]}))
+    (folder / "nopath.json").write_text(json.dumps({"splits": {"eval": {"num_rows": 3}}}))
+
+
+def write_bad_recipes(root: Path) -> None:
+    folder = root / "recipes"
+    folder.mkdir()
+    step = '[[steps]]\nname = "a"\nrun = "eval_loss.py --help"\noutputs = ["o.txt"]\n'
+    (folder / "steps_table.toml").write_text(
+        '[recipe]\nrun_dir = "r"\n[steps]\nname = "a"\nrun = "eval_loss.py --help"\n')
+    (folder / "seeds_str.toml").write_text('[recipe]\nrun_dir = "r"\nseeds = ["one"]\n' + step)
+    (folder / "missing_input.toml").write_text(
+        '[recipe]\nrun_dir = "r"\n' + step + 'inputs = ["no_such_file.txt"]\n')
+
+
+@pytest.fixture
+def case_dir(template, tmp_path, monkeypatch):
+    work = tmp_path / "case"
+    shutil.copytree(template, work)
+    monkeypatch.chdir(work)
+    return work
+
+
+def tree(root: Path) -> dict:
+    """Every path under root (hidden ones too) with its size; folders as None."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.stat().st_size)
+            for p in sorted(root.rglob("*"))}
+
+
+def run_case(script: str, argv, capsys) -> str:
+    module = importlib.import_module(script.removesuffix(".py"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        pipeline.run_main(lambda: module.main([str(a) for a in argv]))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err[-2000:]
+    # ours: "error: ..."; argparse's usage errors: "<prog>: error: ..."
+    lines = [line for line in err.strip().splitlines()
+             if re.match(r"^([\w.-]+: )?error: ", line)]
+    assert len(lines) == 1, err[-2000:]
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# the table: (script, argv, words the error line names); paths are relative to the case folder
+
+
+M = "run/manifest.json"
+ADAPTER = "run/base_adapter"
+
+CASES = {
+    # dataset.py
+    "dataset: missing source file": (
+        "dataset.py", ["--run-dir", "new", "--dataset-name", "nope.jsonl", "--train-size", 10],
+        ["nope.jsonl"]),
+    "dataset: sizes beyond the data": (
+        "dataset.py", ["--run-dir", "new", "--dataset-name", "chat.jsonl", "--group-column",
+                       "instruction_id", "--train-size", 900, "--query-size", 6,
+                       "--eval-size", 6], ["train_base", "900"]),
+    "dataset: run dir is a file": (
+        "dataset.py", ["--run-dir", "chat.jsonl", "--dataset-name", "chat.jsonl",
+                       "--group-column", "instruction_id", "--train-size", 10, "--query-size", 6,
+                       "--eval-size", 6], ["chat.jsonl"]),
+    "dataset: negative seed": (
+        "dataset.py", ["--run-dir", "new", "--dataset-name", "chat.jsonl", "--seed", -3],
+        ["--seed", "-3"]),
+    "dataset: message content is an int": (
+        "dataset.py", ["--run-dir", "new", "--dataset-name", "content_int.jsonl",
+                       "--group-column", "instruction_id"], ["content_int.jsonl", "row 3",
+                                                            "content of type int"]),
+    "dataset: message content is a list": (
+        "dataset.py", ["--run-dir", "new", "--dataset-name", "content_list.jsonl",
+                       "--group-column", "instruction_id"], ["row 3", "content of type list"]),
+    "dataset: null content in a user turn": (
+        "dataset.py", ["--run-dir", "new", "--dataset-name", "content_null.jsonl",
+                       "--group-column", "instruction_id"], ["row 3", "NoneType"]),
+    "dataset: conversation_tokens is a string": (
+        "dataset.py", ["--run-dir", "new", "--dataset-name", "tokens_str.jsonl",
+                       "--group-column", "instruction_id"], ["row 3", "conversation_tokens"]),
+    "dataset: reward is a string": (
+        "dataset.py", ["--run-dir", "new", "--dataset-name", "reward_str.jsonl",
+                       "--group-column", "instruction_id"], ["row 3", "reward_model_score"]),
+    "dataset: null group": (
+        "dataset.py", ["--run-dir", "new", "--dataset-name", "group_null.jsonl",
+                       "--group-column", "instruction_id"], ["instruction_id"]),
+    # manifests
+    "manifest: splits is a list": (
+        "eval_loss.py", ["--manifest", "bad_manifest/list.json", "--output-json", "e.json"],
+        ["bad_manifest/list.json", "splits"]),
+    "manifest: split without a path": (
+        "eval_loss.py", ["--manifest", "bad_manifest/nopath.json", "--output-json", "e.json"],
+        ["bad_manifest/nopath.json", "eval", "path"]),
+    "manifest: not JSON": (
+        "eval_loss.py", ["--manifest", "chat.jsonl", "--output-json", "e.json"],
+        ["chat.jsonl", "not valid JSON"]),
+    # compare_evals.py
+    "compare: duplicated row_id": (
+        "compare_evals.py", ["--a", "evals/dup.per_example.jsonl", "--b",
+                             "evals/b.per_example.jsonl", "--output-json", "c.json"],
+        ["dup.per_example.jsonl", "r1"]),
+    "compare: missing field": (
+        "compare_evals.py", ["--a", "evals/nofield.per_example.jsonl", "--b",
+                             "evals/b.per_example.jsonl", "--output-json", "c.json"],
+        ["nofield.per_example.jsonl"]),
+    "compare: --bootstrap 0": (
+        "compare_evals.py", ["--a", "evals/a.per_example.jsonl", "--b",
+                             "evals/b.per_example.jsonl", "--bootstrap", 0,
+                             "--output-json", "c.json"], ["--bootstrap"]),
+    # run_experiment.py
+    "runner: steps as a table": (
+        "run_experiment.py", ["recipes/steps_table.toml", "--dry-run"], ["steps_table.toml"]),
+    "runner: non-integer seeds": (
+        "run_experiment.py", ["recipes/seeds_str.toml", "--dry-run"],
+        ["seeds_str.toml", "seeds"]),
+    "runner: missing declared input": (
+        "run_experiment.py", ["recipes/missing_input.toml", "--dry-run"],
+        ["no_such_file.txt"]),
+    # eval_loss.py
+    "eval_loss: output json is a folder": (
+        "eval_loss.py", ["--manifest", M, "--adapter-path", ADAPTER, "--output-json", "run"],
+        ["--output-json", "run", "folder"]),
+    "eval_loss: missing split": (
+        "eval_loss.py", ["--manifest", M, "--adapter-path", ADAPTER, "--eval-split", "nope",
+                         "--output-json", "out/e.json"], ["nope"]),
+    "eval_loss: missing adapter": (
+        "eval_loss.py", ["--manifest", M, "--adapter-path", "no_adapter",
+                         "--output-json", "out/e.json"], ["no_adapter"]),
+    "eval_loss: missing manifest": (
+        "eval_loss.py", ["--manifest", "nope/manifest.json", "--output-json", "out/e.json"],
+        ["nope/manifest.json"]),
+    "eval_loss: missing local base model": (
+        "eval_loss.py", ["--manifest", M, "--base-model", "./models/none",
+                         "--output-json", "out/e.json"], ["./models/none", "does not exist"]),
+    # eval_words.py
+    "eval_words: output json is a folder": (
+        "eval_words.py", ["--manifest", M, "--base-model", "x/y", "--output-json", "run"],
+        ["--output-json", "run"]),
+    "eval_words: split without target words": (
+        "eval_words.py", ["--manifest", M, "--base-model", "x/y", "--eval-split", "eval",
+                          "--output-json", "out/w.json"], ["target_word", "eval"]),
+    # train_sae.py
+    "train_sae: output is the working directory": (
+        "train_sae.py", ["--manifest", M, "--layer", 0, "--output-dir", ".", "--overwrite"],
+        ["--output-dir", "working directory"]),
+    "train_sae: foreign folder with --overwrite": (
+        "train_sae.py", ["--manifest", M, "--layer", 0, "--output-dir", "foreign",
+                         "--overwrite"], ["foreign", "not written by train_sae.py"]),
+    "train_sae: output holds the manifest": (
+        "train_sae.py", ["--manifest", M, "--layer", 0, "--output-dir", "run", "--overwrite"],
+        ["run", "holds the input"]),
+    "train_sae: non-empty output without --overwrite": (
+        "train_sae.py", ["--manifest", M, "--layer", 0, "--output-dir", "foreign"],
+        ["foreign", "--overwrite"]),
+    # train_bidir_classifier.py
+    "predictor: output root is the working directory": (
+        "train_bidir_classifier.py", ["--manifest", M, "--scores-from", "run/scores",
+                                      "--output-root", ".", "--overwrite"],
+        ["--output-root", "working directory"]),
+    "predictor: output root holds the scores": (
+        "train_bidir_classifier.py", ["--manifest", M, "--scores-from", "run/scores",
+                                      "--output-root", "run", "--overwrite"],
+        ["run", "holds the input"]),
+    "predictor: missing scores": (
+        "train_bidir_classifier.py", ["--manifest", M, "--scores-from", "no_scores",
+                                      "--output-root", "pred"], ["no_scores"]),
+    "predictor: empty score file": (
+        "train_bidir_classifier.py", ["--manifest", M, "--scores-from", "run/scores",
+                                      "--output-root", "pred"], ["train_scores.jsonl", "empty"]),
+    "predictor: bad --alphas": (
+        "train_bidir_classifier.py", ["--manifest", M, "--alphas", "a,b", "--output-root",
+                                      "pred"], ["--alphas"]),
+    # sae_analysis.py
+    "sae_analysis: missing SAE folder": (
+        "sae_analysis.py", ["--manifest", M, "--sae-path", "no_sae", "--output-dir", "feat"],
+        ["--sae-path", "no_sae"]),
+    "sae_analysis: missing adapter": (
+        "sae_analysis.py", ["--manifest", M, "--adapter-path", "no_adapter", "--output-dir",
+                            "feat"], ["no_adapter"]),
+    "sae_analysis: --max-length 0 (old spelling)": (
+        "sae_analysis.py", ["--manifest", M, "--max-tokens", 0], ["--max-length"]),
+    # rank_windows.py
+    "rank_windows: missing scores": (
+        "rank_windows.py", ["--scores-from", "no_scores", "--output", "abl/manifest.json",
+                            "--top", 3], ["no_scores"]),
+    # prepare_model.py
+    "prepare_model: missing GGUF": (
+        "prepare_model.py", ["--gguf", "none.gguf", "--output-dir", "model"], ["none.gguf"]),
+    "prepare_model: output is the working directory": (
+        "prepare_model.py", ["--gguf", "chat.jsonl", "--output-dir", ".", "--overwrite"],
+        ["working directory"]),
+    "prepare_model: foreign folder with --overwrite": (
+        "prepare_model.py", ["--gguf", "chat.jsonl", "--output-dir", "foreign", "--overwrite"],
+        ["not written by prepare_model.py"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_case(name, case_dir, capsys):
+    script, argv, words = CASES[name]
+    before = tree(case_dir)
+    line = run_case(script, argv, capsys)
+    for word in words:
+        assert str(word) in line, f"{name}: {line!r} does not name {word!r}"
+    assert tree(case_dir) == before, f"{name}: the case left something behind"
+
+
+def test_unwritable_output_places_are_refused_before_work(case_dir, capsys):
+    """A parent that is a file, and (as a non-root user) a read-only folder."""
+    line = run_case("eval_loss.py", ["--manifest", M, "--adapter-path", ADAPTER,
+                                     "--output-json", "chat.jsonl/e.json"], capsys)
+    assert "cannot be written" in line and "chat.jsonl" in line
+    line = run_case("train_sae.py", ["--manifest", M, "--layer", 0, "--output-dir",
+                                     "chat.jsonl/sae"], capsys)
+    assert "cannot be written" in line
+    if os.geteuid() != 0:  # root writes into read-only folders
+        locked = case_dir / "locked"
+        locked.mkdir()
+        locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        try:
+            line = run_case("eval_loss.py", ["--manifest", M, "--adapter-path", ADAPTER,
+                                             "--output-json", "locked/e.json"], capsys)
+            assert "cannot be written" in line
+        finally:
+            locked.chmod(0o755)
+
+
+def test_check_output_dir_never_takes_an_ancestor_of_the_working_directory(case_dir):
+    inner = case_dir / "run" / "seed_1"
+    inner.mkdir()
+    os.chdir(inner)
+    for target in (inner, case_dir / "run", case_dir):
+        with pytest.raises(pipeline.PipelineError, match="working directory"):
+            pipeline.check_output_dir(target, True, "finetune.py")
+    assert (case_dir / "run" / "manifest.json").is_file()
+
+
+def test_overwrite_replaces_only_the_same_scripts_folder(case_dir):
+    out = case_dir / "out"
+    with pipeline.staged_output(out, "score.py") as staged:
+        (staged / "a.txt").write_text("1")
+    assert pipeline.output_writer(out) == "score.py"
+    pipeline.check_output_dir(out, True, "score.py")        # same script: allowed
+    with pytest.raises(pipeline.PipelineError, match="written by score.py"):
+        pipeline.check_output_dir(out, True, "finetune.py")
+    with pytest.raises(RuntimeError):                       # a failure leaves no temp folder
+        with pipeline.staged_output(out, "score.py") as staged:
+            (staged / "b.txt").write_text("2")
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in case_dir.iterdir() if p.name.startswith(".")) == []
+    assert (out / "a.txt").read_text() == "1" and not (out / "b.txt").exists()
