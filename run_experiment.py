@@ -686,7 +686,9 @@ def describe_holder(holder: dict | None) -> str:
 
 def remove_stale_temp(run_dir: Path) -> list[Path]:
     """Every `.*.tmp` under the run dir. Only called with the lock held: no other runner works
-    here and the steps of earlier runners died with them, so each was left by a dead process."""
+    here and the steps of earlier runners died with them, so each was left by a dead process.
+    Not searched: other hidden folders (.git, .venv, caches: no step stages there) and a folder
+    that another live runner holds (a run dir inside this one)."""
     removed = []
     for folder, dirs, files in os.walk(run_dir):
         for name in [*dirs, *files]:
@@ -698,8 +700,25 @@ def remove_stale_temp(run_dir: Path) -> list[Path]:
             else:
                 path.unlink()
             removed.append(path)
-        dirs[:] = [d for d in dirs if not (d.startswith(".") and d.endswith(".tmp"))]
+        dirs[:] = [d for d in dirs if not d.startswith(".")
+                   and not held_by_live_runner(Path(folder) / d)]
     return removed
+
+
+def held_by_live_runner(folder: Path) -> bool:
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing also drops the shared lock, if it was taken
+    return False
 
 
 def take_run_dir(run_dir: Path, lock: RunLock) -> None:
