@@ -1,7 +1,7 @@
 """Eval loss of the base model and of a LoRA adapter on a manifest split.
 
   eval_loss.py --manifest runs/smoltalk_v1/manifest.json --adapter-path runs/smoltalk_v1/base_adapter \
-      --output-json runs/smoltalk_v1/eval_base_vs_ft.json
+      --output-json runs/smoltalk_v1/eval_base.json
 
 Loss = (sum of token NLL over every supervised completion token of the split) / (their count): a
 token-weighted mean, not a mean of batch means. The base model is evaluated with the adapter

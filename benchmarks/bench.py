@@ -219,8 +219,8 @@ def main(argv=None) -> None:
         add("eval_loss.py (adapter pass)", result["finetuned"]["wall_clock_s"], forward_floor)
     if "sae_analysis" in steps and args.sae_path:
         run_step("sae_analysis", ["sae_analysis.py", "--manifest", manifest, "--split", "bench",
-                                  "--sae-path", args.sae_path, "--model-name", base_model,
-                                  "--output-dir", out / "sae", "--max-tokens", args.max_length],
+                                  "--sae-path", args.sae_path, "--base-model", base_model,
+                                  "--output-dir", out / "sae", "--max-length", args.max_length],
                  out / "logs")
         summary = json.loads((out / "sae" / "summary.json").read_text())
         if forward_floor is None:

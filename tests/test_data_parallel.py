@@ -144,8 +144,8 @@ def test_score_with_two_bergson_workers_matches_one(run_dir, adapters):
 
 
 def test_multigpu_compare_reads_the_runs(run_dir, adapters):
-    """benchmarks/multigpu_compare.py (device/multigpu.sh's table) on the runs above: it runs after
-    the eval, SAE and score tests, whose outputs it reads."""
+    """benchmarks/multigpu_compare.py (the table of `BENCH=multigpu bash device/bench.sh`) on the
+    runs above: it runs after the eval, SAE and score tests, whose outputs it reads."""
     log = run_dir / "log.txt"
     log.write_text("STEP_WALL finetune_1 30000 ms\nSTEP_WALL finetune_N 20000 ms\n")
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "multigpu_compare.py"),
