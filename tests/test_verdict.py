@@ -261,3 +261,184 @@ def test_holm_by_hand():
         {"a": 0.04, "b": 0.03, "c": 0.04, "d": None})
     assert holm({"a": 0.6, "b": 0.5}) == {"a": 1.0, "b": 1.0}
     assert holm({}) == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes/verdict.toml and the demo's small verdict: the plan the runner makes
+
+VERDICT_ARMS = ["attribution", "attribution_raw", "random", "random_stratified", "longest",
+                "reward", "attribution_bottom"]
+DESIGNS = ["scratch", "continue"]
+
+
+def verdict_plan(name="verdict", seeds=(1, 2, 3, 4, 5), per_seed_split=None):
+    import run_experiment as rx
+    from conftest import ROOT
+
+    recipe = rx.load_recipe(ROOT / "recipes" / f"{name}.toml", "runs/v", list(seeds), [])
+    if per_seed_split is not None:
+        recipe.per_seed_split = per_seed_split
+        rx.check_steps(recipe)
+    tasks = rx.plan_tasks(recipe)
+    rx.check_inputs_declared(recipe, tasks)
+    return recipe, tasks
+
+
+def flag(task, name):
+    return task.argv[task.argv.index(name) + 1] if name in task.argv else None
+
+
+def test_every_arm_and_design_is_trained_and_evaluated_alike():
+    """One finetune and one eval step per design x arm x seed, the same command but for the
+    arm's split and the design's --init (so no arm gets another budget or recipe by a typo), and
+    the arms are exactly the ones score.py --arms draws and compare_evals.py compares."""
+    import subsets
+
+    import tomllib
+
+    from conftest import ROOT
+
+    steps = tomllib.loads((ROOT / "recipes" / "verdict.toml").read_text())["steps"]
+    inits = {"scratch": "--init scratch --base-model {model}",
+             "continue": "--init continue --resume-adapter {split_dir}/base_adapter"}
+    shapes = {}
+    for step in steps:
+        for design in DESIGNS:
+            for arm in VERDICT_ARMS:
+                if step["name"] in (f"finetune_{design}_{arm}", f"eval_{design}_{arm}"):
+                    text = json.dumps(step).replace(inits[design], "INIT")
+                    text = text.replace(f"{design}_{arm}", "DESIGN_ARM")
+                    text = text.replace(f"--train-split {arm} ", "--train-split ARM ")
+                    text = text.replace(', "{split_dir}/base_adapter"]', "]")  # continue
+                    shapes.setdefault(step["name"].split("_")[0], set()).add(
+                        text.replace(f'"{step["name"]}"', '"NAME"'))
+    assert {k: len(v) for k, v in shapes.items()} == {"finetune": 1, "eval": 1}, shapes
+
+    recipe, tasks = verdict_plan()
+    by_key = {t.key: t for t in tasks}
+    arms_task = by_key["arms@seed1"]
+    assert flag(arms_task, "--arms").split(",") == VERDICT_ARMS
+    assert set(VERDICT_ARMS) <= set(subsets.ARMS)
+    assert flag(arms_task, "--arm-scores") == "attribution_raw=runs/v/scores_raw"
+    reference = None
+    for seed in (1, 2, 3, 4, 5):
+        assert flag(by_key[f"arms@seed{seed}"], "--seed") == str(seed)  # random arms redraw
+        for design in DESIGNS:
+            for arm in VERDICT_ARMS:
+                train = by_key[f"finetune_{design}_{arm}@seed{seed}"]
+                assert flag(train, "--train-split") == arm
+                assert flag(train, "--manifest") == f"runs/v/seed_{seed}/arms/continuation_manifest.json"
+                assert flag(train, "--seed") == str(seed)
+                assert flag(train, "--init") == design
+                if design == "continue":
+                    assert flag(train, "--resume-adapter") == "runs/v/base_adapter"
+                else:
+                    assert "--resume-adapter" not in train.argv and flag(train, "--base-model")
+                out = f"runs/v/seed_{seed}/adapter_{design}_{arm}"
+                assert flag(train, "--output-dir") == out
+                for name, var in (("--preset", "preset"), ("--step-tokens", "step_tokens"),
+                                  ("--budget-tokens", "budget_tokens")):
+                    assert flag(train, name) == recipe.vars[var]
+                assert flag(train, "--keep") == "last" and flag(train, "--eval-split") == "none"
+                evaluate = by_key[f"eval_{design}_{arm}@seed{seed}"]
+                assert flag(evaluate, "--adapter-path") == out and "--skip-base" in evaluate.argv
+                assert flag(evaluate, "--output-json") == \
+                    f"runs/v/seed_{seed}/eval_{design}_{arm}.json"
+    for design in DESIGNS:
+        compare = by_key[f"compare_{design}"]
+        arms = [a.split("=")[0] for a in compare.argv[1:]
+                if "=" in a and a.endswith(".per_example.jsonl")]
+        assert arms == VERDICT_ARMS and flag(compare, "--label") == design
+        assert [f"{a}=runs/v/seed_*/eval_{design}_{a}.per_example.jsonl" for a in VERDICT_ARMS] \
+            == [compare.argv[i + 1] for i, a in enumerate(compare.argv) if a == "--arm"]
+        i = compare.argv.index("--baselines")
+        assert compare.argv[i + 1:i + 5] == ["random", "random_stratified", "longest", "reward"]
+        assert flag(compare, "--output-json") == f"runs/v/compare_{design}.json"
+
+
+def test_verdict_shares_the_m1_steps_and_scores_once_per_split():
+    import run_experiment as rx
+    from conftest import ROOT
+
+    plans = {name: {t.key: (t.argv, t.inputs, t.outputs) for t in rx.plan_tasks(
+        rx.load_recipe(ROOT / "recipes" / f"{name}.toml", "runs/same", [1, 2], []))}
+        for name in ("m1", "verdict")}
+    assert {k: plans["verdict"][k] for k in plans["m1"]} == plans["m1"]
+    recipe, tasks = verdict_plan()
+    scoring = [t for t in tasks if t.argv[0] == "score.py" and "--scores-only" in t.argv]
+    assert [(t.step, t.seed) for t in scoring] == [("score", None), ("score_raw", None)]
+    raw = next(t for t in scoring if t.step == "score_raw")
+    assert (flag(raw, "--score-normalization"), flag(raw, "--loss-reduction"),
+            flag(raw, "--damping-rule")) == ("none", "sum", "mean_eig")
+    default = next(t for t in scoring if t.step == "score")
+    for name in ("--score-normalization", "--loss-reduction", "--damping-rule",
+                 "--preconditioning-mode"):
+        assert name not in default.argv          # the default score is score.py's default
+
+
+def test_per_seed_split_plans_a_split_and_scores_per_seed():
+    import run_experiment as rx
+
+    recipe, tasks = verdict_plan(seeds=(1, 2, 3), per_seed_split=True)
+    by_key = {t.key: t for t in tasks}
+    for step in ("dataset", "finetune_base", "eval_base", "score", "score_raw"):
+        assert [t.seed for t in tasks if t.step == step] == [1, 2, 3]
+    for seed in (1, 2, 3):
+        assert flag(by_key[f"score@seed{seed}"], "--output-dir") == f"runs/v/seed_{seed}/scores"
+        assert flag(by_key[f"arms@seed{seed}"], "--scores-from") == f"runs/v/seed_{seed}/scores"
+        assert flag(by_key[f"finetune_continue_random@seed{seed}"], "--resume-adapter") == \
+            f"runs/v/seed_{seed}/base_adapter"
+    deps = rx.dependencies(tasks)
+    index = {t.key: i for i, t in enumerate(tasks)}
+    waits = lambda key: {tasks[j].key for j in deps[index[key]]}  # noqa: E731
+    assert waits("arms@seed2") >= {"score@seed2", "score_raw@seed2"}
+    assert not any(k.endswith(("@seed1", "@seed3")) for k in waits("arms@seed2"))
+
+
+def test_dry_run_with_jobs_plans_one_score_per_split_and_arms_per_seed():
+    import re
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = subprocess.run([sys.executable, "run_experiment.py", "recipes/verdict.toml",
+                          "--dry-run", "--seeds", "1", "2", "3", "4", "5", "--jobs", "5"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    levels = dict(re.findall(r"^# level \d+: (\S+)(.*)$", out, re.M))
+    assert [k for k in levels if k.split("@")[0] in ("score", "score_raw")] == ["score",
+                                                                                "score_raw"]
+    assert [k for k in levels if k.startswith("arms")] == [f"arms@seed{s}" for s in range(1, 6)]
+    for s in range(1, 6):
+        assert set(levels[f"arms@seed{s}"].removeprefix(" <- ").split(", ")) == {"score",
+                                                                                 "score_raw"}
+        assert levels[f"finetune_scratch_reward@seed{s}"] == f" <- arms@seed{s}"
+    assert len([k for k in levels if k.startswith("finetune_")]) == 1 + 5 * 2 * 7
+    assert "# slots: 1=unpinned, 2=unpinned, 3=unpinned, 4=unpinned, 5=unpinned" in out
+
+
+def test_the_demo_is_a_small_verdict():
+    """The demo's arm steps are verdict.toml's continue-design commands (the same TOML text),
+    two seeds, the SAE steps kept; its arms and designs are a subset of the verdict's."""
+    import tomllib
+
+    from conftest import ROOT
+
+    steps = {name: {s["name"]: s for s in tomllib.loads(
+        (ROOT / "recipes" / f"{name}.toml").read_text())["steps"]} for name in ("demo", "verdict")}
+    recipe, tasks = verdict_plan("demo", seeds=(1, 2))
+    trained = [t for t in tasks if t.step.startswith("finetune_continue_")]
+    assert {flag(t, "--train-split") for t in trained} == {"attribution", "random", "longest"}
+    for task in trained:
+        name = task.step
+        for key in ("run", "outputs"):
+            assert steps["demo"][name][key] == steps["verdict"][name][key], (name, key)
+        evaluate = name.replace("finetune_", "eval_")
+        assert steps["demo"][evaluate]["run"] == steps["verdict"][evaluate]["run"]
+    assert steps["demo"]["compare_continue"]["outputs"] == \
+        steps["verdict"]["compare_continue"]["outputs"]
+    assert {"train_sae", "sae_features", "sae_predictor"} <= set(steps["demo"])
+    assert not any(s.startswith("finetune_scratch") for s in steps["demo"])
+    import run_experiment as rx
+
+    assert rx.load_recipe(ROOT / "recipes" / "demo.toml", None, None, []).seeds == [1, 2]
