@@ -320,13 +320,13 @@ def t_interval(deltas, level: float = 0.95):
 def bootstrap_two_level(seeds: list[tuple], resamples: int, rng):
     """Resamples of the mean over seeds of (token-weighted, per-example) delta: seeds drawn with
     replacement, then each drawn seed's eval rows. seeds: (tokens, NLL diff, row ids) per seed.
-    When every seed has the same rows (one eval split), one row draw serves all seeds of a
-    resample: the rows are a shared sample, and drawing them per seed would average their noise
-    away. Otherwise (a split per seed) each drawn seed gets its own row draw."""
+    When every seed has the same rows and tokens (one eval split), one row draw serves all seeds
+    of a resample: the rows are a shared sample, and drawing them per seed would average their
+    noise away. Otherwise (a split per seed) each drawn seed gets its own row draw."""
     import numpy as np
 
     n = len(seeds)
-    shared = all(s[2] == seeds[0][2] for s in seeds)
+    shared = all(s[2] == seeds[0][2] and np.array_equal(s[0], seeds[0][0]) for s in seeds)
     pick = rng.integers(0, n, size=(resamples, n))
 
     def counts(m):

@@ -861,15 +861,16 @@ def render_verdict(verdict: dict, plots: dict[str, str]) -> list[str]:
              "better), the mean over seeds of each seed's paired token-weighted delta, with its "
              "95% t-interval over seeds (the seeds are the unit: compare_evals.py seed_level). "
              f"Holm p: Holm-adjusted over the arms compared with {control} in that design. "
-             "Subset = the rows the arm selected; trained = what finetune.py saw (steps and "
-             "supervised tokens: equal in every arm when the budget is matched). Spearman: the "
+             "Subset = the rows the arm selected; trained = what finetune.py saw (rows counted "
+             "with repeats; steps and supervised tokens: equal in every arm when the budget is "
+             "matched). Spearman: the "
              "arm's score against supervised tokens over the pool. Ranges are min-max over "
              "seeds.", ""]
     others = [b for b in VERDICT_BASELINES if b != control]
     header = (["design", "arm", f"Δ vs {control} [95% CI over seeds]", "seeds better", "Holm p",
                "per-example Δ"] + [f"Δ vs {b}" for b in others]
-              + ["subset rows", "subset sup. tokens", "steps", "sup. tokens trained",
-                 "eval loss", "score-length Spearman"])
+              + ["subset rows", "subset sup. tokens", "steps", "rows trained",
+                 "sup. tokens trained", "eval loss", "score-length Spearman"])
     rows = []
     for design, d in verdict["designs"].items():
         for arm, e in d["arms"].items():
@@ -882,7 +883,8 @@ def render_verdict(verdict: dict, plots: dict[str, str]) -> list[str]:
                   if b in e["vs"] else "" for b in others]
             rows.append([design, arm, *main, *vs, fmt_range(e["subset_rows"]),
                          fmt_range(e["subset_supervised_tokens"]), fmt_range(e["optimizer_steps"]),
-                         fmt_range(e["supervised_tokens_trained"]), fmt_range(e["eval_loss"], 4),
+                         fmt_range(e["rows_trained"]), fmt_range(e["supervised_tokens_trained"]),
+                         fmt_range(e["eval_loss"], 4),
                          fmt_range(e["score_length_spearman"], 3)])
     lines += table(header, rows)
     for design, d in verdict["designs"].items():

@@ -99,9 +99,10 @@ def test_base_model_evaluated_once_per_split(path, per_seed_split):
             assert flag(task, "--output-json").startswith(f"{recipe.run_dir}/seed_{task.seed}/")
 
 
-@pytest.mark.parametrize("path", [p for p in RECIPES if not has_arms(rx.load_recipe(p, None, None, []))],
-                         ids=[p.stem for p in RECIPES
-                              if not has_arms(rx.load_recipe(p, None, None, []))])
+PAIR_RECIPES = [p for p in RECIPES if not has_arms(rx.load_recipe(p, None, None, []))]
+
+
+@pytest.mark.parametrize("path", PAIR_RECIPES, ids=[p.stem for p in PAIR_RECIPES])
 def test_compare_per_seed_and_pooled(path):
     """Every pair of per-seed evals is compared per seed and pooled over the seed folders, into
     the compare_*.json files report.py reads (the verdict's arm comparisons: test_verdict.py)."""

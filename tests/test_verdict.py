@@ -235,6 +235,7 @@ def test_budget_match_is_visible_in_the_table(tmp_path):
     assert {rows[a]["steps"] for a in ARMS} == {"12"}
     trained = {a: rows[a]["sup. tokens trained"] for a in ARMS}
     assert trained == {**{a: "6144" for a in ARMS}, "longest": "6161"}   # one row's overshoot
+    assert {rows[a]["rows trained"] for a in ARMS} == {"90"}
     assert rows["longest"]["subset sup. tokens"] == "5000"
     assert rows["attribution"]["subset sup. tokens"] == "2001-2005"       # varies by seed
     assert rows["attribution"]["score-length Spearman"] == "0.420"
@@ -327,7 +328,8 @@ def test_every_arm_and_design_is_trained_and_evaluated_alike():
             for arm in VERDICT_ARMS:
                 train = by_key[f"finetune_{design}_{arm}@seed{seed}"]
                 assert flag(train, "--train-split") == arm
-                assert flag(train, "--manifest") == f"runs/v/seed_{seed}/arms/continuation_manifest.json"
+                assert flag(train, "--manifest") == \
+                    f"runs/v/seed_{seed}/arms/continuation_manifest.json"
                 assert flag(train, "--seed") == str(seed)
                 assert flag(train, "--init") == design
                 if design == "continue":
@@ -388,6 +390,7 @@ def test_per_seed_split_plans_a_split_and_scores_per_seed():
         assert flag(by_key[f"arms@seed{seed}"], "--scores-from") == f"runs/v/seed_{seed}/scores"
         assert flag(by_key[f"finetune_continue_random@seed{seed}"], "--resume-adapter") == \
             f"runs/v/seed_{seed}/base_adapter"
+    verdict_plan("demo", seeds=(1, 2), per_seed_split=True)     # its inputs resolve too
     deps = rx.dependencies(tasks)
     index = {t.key: i for i, t in enumerate(tasks)}
     waits = lambda key: {tasks[j].key for j in deps[index[key]]}  # noqa: E731
