@@ -87,15 +87,18 @@ def parse_args(argv=None):
                    help="bootstrap resamples (default: %(default)s)")
     p.add_argument("--seed", type=seed_type, default=0, help="bootstrap seed (default: %(default)s)")
     p.add_argument("--output-json", default=None, help="also write the result here")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def check_mode(args) -> None:
+    """--a with --b (one comparison) or --arm with --baselines (the arm matrix)."""
     if args.arm or args.baselines:
         if args.a or args.b:
-            p.error("--arm/--baselines replace --a/--b: give one or the other")
+            raise PipelineError("--arm/--baselines replace --a/--b: give one or the other")
         if not (args.arm and args.baselines):
-            p.error("--arm and --baselines go together")
+            raise PipelineError("--arm and --baselines go together")
     elif not (args.a and args.b):
-        p.error("the following arguments are required: --a, --b (or --arm and --baselines)")
-    return args
+        raise PipelineError("give --a and --b (or --arm and --baselines)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,12 +200,9 @@ def read_seed_pairs(pairs, column: str) -> list[tuple[str, dict, dict]]:
     return out
 
 
-def read_pairs(pairs, column: str) -> tuple[dict, dict]:
-    """The rows of every pair; with several pairs, row ids prefixed by the pair's label."""
-    return pool_rows(read_seed_pairs(pairs, column))
-
-
 def pool_rows(seed_pairs) -> tuple[dict, dict]:
+    """The rows of every pair in one pool; with several pairs, row ids prefixed by the pair's
+    label."""
     a, b = {}, {}
     for label, rows_a, rows_b in seed_pairs:
         prefix = f"{label}/" if label else ""
@@ -475,6 +475,7 @@ def main_arms(args) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    check_mode(args)
     if args.arm:
         main_arms(args)
         return

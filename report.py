@@ -512,10 +512,7 @@ def verdict_design(design: str, path: Path, result: dict, seeds: dict[str, Path]
                         for t in trainings}) == 1
                and trainings[0]["budget_tokens"] is not None
                and trainings[0]["step_tokens"] is not None)
-    k = value_range([(s or {}).get("rows") for s in
-                     [read_json(f / ARMS_SUMMARY_FILE, "arms summary").get("arms", {})
-                      .get("attribution") for f in folders.values()
-                      if (f / ARMS_SUMMARY_FILE).is_file()]])
+    k = (entries.get("attribution") or {}).get("subset_rows")  # the top-k's k
     return {"file": str(path), "seeds": labels, "control": control, "arms": entries,
             "k": int(k["max"]) if k else None, "budget_matched": matched,
             "budget_rule": ("every arm and seed trained the same optimizer steps under the same "

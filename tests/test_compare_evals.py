@@ -195,5 +195,7 @@ def test_arm_matrix_every_arm_against_every_baseline(tmp_path):
                                    f"--arm=random={tmp_path}/seed_*/eval_random.jsonl"])
     with pytest.raises(compare_evals.PipelineError, match="--arm top is given twice"):
         compare_evals.main(base + ["--arm=top=a", "--arm=top=b", "--arm=random=c"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(compare_evals.PipelineError, match="replace --a/--b"):
         compare_evals.main(base + ["--a", "x", "--b", "y", "--arm=top=a"])
+    with pytest.raises(compare_evals.PipelineError, match="--arm and --baselines go together"):
+        compare_evals.main(["--arm=top=a"])
