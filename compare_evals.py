@@ -15,19 +15,43 @@ resamples eval rows with replacement:
 They can disagree when A helps long completions and hurts short ones. Also per-category deltas
 and the fraction of rows where A is better.
 
-Pooled over seeds: --a and --b each take several files, or a glob pattern (quoted; expanded here,
+Several seeds: --a and --b each take several files, or a glob pattern (quoted; expanded here,
 since the runner passes it as it is), e.g.
 
     uv run compare_evals.py --a 'runs/smoltalk_v1/seed_*/eval_top_k.per_example.jsonl' \
         --b 'runs/smoltalk_v1/seed_*/eval_matched_random_k.per_example.jsonl' \
         --output-json runs/smoltalk_v1/compare_top_vs_random.json
 
-Files are paired by the name of their folder (the seed folder), the paired rows of all seeds are
-concatenated (row ids prefixed by that name) and the bootstrap resamples rows from the pool: it
-treats rows as independent, so it does not capture seed-to-seed (training) variance.
+Files are paired by the name of their folder (the seed folder). Two answers come out:
+  seed_level  the seeds are the unit. Per seed, the paired deltas above over its eval rows; across
+              seeds the mean delta with a 95% t-interval over the seeds (scipy.stats.t, n - 1
+              degrees of freedom; the interval the verdict uses), the one-sample t-test of the
+              per-seed deltas against 0 (scipy.stats.ttest_1samp) and how many seeds favour A;
+              beside it a two-level bootstrap: resample seeds, then eval rows (the same row draw
+              for every seed when the seeds share their eval rows, a draw per seed when each has
+              its own split). With few seeds the percentile bootstrap is too narrow (it ignores
+              that the seed-to-seed spread is itself estimated from n seeds), so the t-interval
+              is the one to quote. A training seed changes the LoRA init, the row order, the
+              dropout and the random arms' rows: this is the interval that includes them.
+  pooled      the paired rows of all seeds concatenated (row ids prefixed by the folder name),
+              bootstrap over that pool: it treats rows as independent, so it leaves out the
+              seed-to-seed (training) variance and is too narrow whenever seeds differ; kept for
+              comparison with earlier reports.
+
+Arms (the verdict's matrix): --arm NAME=FILES (repeated; FILES a glob over the seed folders) and
+--baselines NAME [NAME ...] compare every arm with every baseline it is not, seed level as above:
+
+    uv run compare_evals.py --label scratch \
+        --arm 'attribution=runs/v/seed_*/eval_scratch_attribution.per_example.jsonl' \
+        --arm 'random=runs/v/seed_*/eval_scratch_random.per_example.jsonl' \
+        --arm 'longest=runs/v/seed_*/eval_scratch_longest.per_example.jsonl' \
+        --baselines random longest --output-json runs/v/compare_scratch.json
+
+Every arm must have a file in the same seed folders. report.py reads comparisons[arm][baseline].
 
 Bad input (a missing or non-finite field, a duplicated row_id, an empty file, no supervised token,
-files over different rows) stops with one `error:` line naming the file and line; exit 2.
+files over different rows, an arm without a seed another has) stops with one `error:` line naming
+the file and line; exit 2.
 """
 
 from __future__ import annotations
@@ -36,6 +60,7 @@ import argparse
 import glob
 import json
 import math
+import warnings
 from pathlib import Path
 
 from pipeline import PipelineError, provenance, run_main, seed_type, write_json_atomic
@@ -44,11 +69,18 @@ from pipeline import PipelineError, provenance, run_main, seed_type, write_json_
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--a", nargs="+", required=True, metavar="FILE",
+    p.add_argument("--a", nargs="+", metavar="FILE",
                    help="per_example.jsonl of condition A (eval_loss.py); several files or a glob "
-                        "pool seeds (paired with --b's by folder name)")
-    p.add_argument("--b", nargs="+", required=True, metavar="FILE",
+                        "give one per seed folder (paired with --b's by folder name)")
+    p.add_argument("--b", nargs="+", metavar="FILE",
                    help="per_example.jsonl of condition B, as --a")
+    p.add_argument("--arm", action="append", default=[], metavar="NAME=FILES",
+                   help="one arm's per-example files over the seed folders (a glob; repeat per "
+                        "arm); with --baselines, instead of --a/--b")
+    p.add_argument("--baselines", nargs="+", default=None, metavar="NAME",
+                   help="the arms every other arm is compared with (each one of the --arm names)")
+    p.add_argument("--label", default=None,
+                   help="recorded in the output (e.g. the design: scratch, continue)")
     p.add_argument("--column", default="finetuned", choices=["finetuned", "base"],
                    help="which model's losses in each file to compare (default: finetuned)")
     p.add_argument("--bootstrap", type=int, default=10000,
@@ -56,6 +88,17 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=seed_type, default=0, help="bootstrap seed (default: %(default)s)")
     p.add_argument("--output-json", default=None, help="also write the result here")
     return p.parse_args(argv)
+
+
+def check_mode(args) -> None:
+    """--a with --b (one comparison) or --arm with --baselines (the arm matrix)."""
+    if args.arm or args.baselines:
+        if args.a or args.b:
+            raise PipelineError("--arm/--baselines replace --a/--b: give one or the other")
+        if not (args.arm and args.baselines):
+            raise PipelineError("--arm and --baselines go together")
+    elif not (args.a and args.b):
+        raise PipelineError("give --a and --b (or --arm and --baselines)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,33 +187,53 @@ def pair_files(a_patterns: list[str], b_patterns: list[str]) -> list[tuple[str, 
     return [(name, a_by[name], b_by[name]) for name in sorted(a_by)]
 
 
-def read_pairs(pairs, column: str) -> tuple[dict, dict]:
-    """The rows of every pair; with several pairs, row ids prefixed by the pair's label."""
-    a, b = {}, {}
+def read_seed_pairs(pairs, column: str) -> list[tuple[str, dict, dict]]:
+    """(label, rows of A, rows of B) per pair, each pair over the same eval rows."""
+    out = []
     for label, path_a, path_b in pairs:
         rows_a, rows_b = read_per_example(path_a, column), read_per_example(path_b, column)
         if set(rows_a) != set(rows_b):
             raise PipelineError(f"{path_a} and {path_b} cover different eval rows "
                                 f"({len(set(rows_a) ^ set(rows_b))} differ): compare runs on the "
                                 "same eval split")
+        out.append((label, rows_a, rows_b))
+    return out
+
+
+def pool_rows(seed_pairs) -> tuple[dict, dict]:
+    """The rows of every pair in one pool; with several pairs, row ids prefixed by the pair's
+    label."""
+    a, b = {}, {}
+    for label, rows_a, rows_b in seed_pairs:
         prefix = f"{label}/" if label else ""
         a.update({f"{prefix}{k}": v for k, v in rows_a.items()})
         b.update({f"{prefix}{k}": v for k, v in rows_b.items()})
     return a, b
 
 
+def parse_arms(items: list[str]) -> dict[str, list[str]]:
+    arms = {}
+    for item in items:
+        name, sep, files = item.partition("=")
+        if not sep or not name or not files:
+            raise PipelineError(f"--arm {item}: expected NAME=FILES")
+        if name in arms:
+            raise PipelineError(f"--arm {name} is given twice")
+        arms[name] = [files]
+    return arms
+
+
 # ---------------------------------------------------------------------------------------------
 # the statistic
 
 
-def paired_deltas(a: dict, b: dict, column: str, resamples: int, seed: int) -> dict:
+def paired_arrays(a: dict, b: dict, column: str):
+    """(row ids, supervised tokens, NLL_A - NLL_B) over the rows of two checked files."""
     import numpy as np
 
     if set(a) != set(b):
         raise PipelineError(f"the two files cover different eval rows ({len(set(a) ^ set(b))} "
                             f"differ): compare runs on the same eval split")
-    if resamples < 1:
-        raise PipelineError(f"--bootstrap must be at least 1, got {resamples}")
     ids = sorted(a)
     tokens = np.array([a[i]["supervised_tokens"] for i in ids], dtype=float)
     if not np.array_equal(tokens, [b[i]["supervised_tokens"] for i in ids]):
@@ -180,6 +243,19 @@ def paired_deltas(a: dict, b: dict, column: str, resamples: int, seed: int) -> d
         raise PipelineError(f"none of the {len(ids)} eval rows has a supervised token: nothing to "
                             "compare (prompts longer than --max-length?)")
     nll_diff = np.array([a[i][f"{column}_nll_sum"] - b[i][f"{column}_nll_sum"] for i in ids])
+    return ids, tokens, nll_diff
+
+
+def check_resamples(resamples: int) -> None:
+    if resamples < 1:
+        raise PipelineError(f"--bootstrap must be at least 1, got {resamples}")
+
+
+def paired_deltas(a: dict, b: dict, column: str, resamples: int, seed: int) -> dict:
+    import numpy as np
+
+    check_resamples(resamples)
+    ids, tokens, nll_diff = paired_arrays(a, b, column)
     keep = tokens > 0
     loss_diff = nll_diff[keep] / tokens[keep]
     rng = np.random.default_rng(seed)
@@ -213,26 +289,221 @@ def paired_deltas(a: dict, b: dict, column: str, resamples: int, seed: int) -> d
             "per_category": categories}
 
 
+# the seeds as the unit
+
+SEED_INTERVAL = ("t-interval over the seeds' deltas (scipy.stats.t, n - 1 degrees of freedom); "
+                 "p: one-sample t-test of the per-seed deltas against 0 (scipy.stats.ttest_1samp)")
+
+
+def t_interval(deltas, level: float = 0.95):
+    """(mean, low, high, p) over the last axis (the seeds) of deltas; low/high/p are NaN with one
+    seed, and p is NaN when every seed has the same delta."""
+    import numpy as np
+    from scipy import stats
+
+    deltas = np.asarray(deltas, dtype=float)
+    n = deltas.shape[-1]
+    mean = deltas.mean(-1)
+    if n < 2:
+        nan = np.full_like(mean, np.nan)
+        return mean, nan, nan, nan
+    sd = deltas.std(-1, ddof=1)
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # identical deltas: scipy warns, gives nan
+        p = stats.ttest_1samp(deltas, 0.0, axis=-1).pvalue
+    spread = sd > 1e-12 * np.abs(deltas).max(-1)  # identical up to rounding: no test
+    p = np.where(spread, p, np.nan)
+    return mean, mean - half, mean + half, p
+
+
+def bootstrap_two_level(seeds: list[tuple], resamples: int, rng):
+    """Resamples of the mean over seeds of (token-weighted, per-example) delta: seeds drawn with
+    replacement, then each drawn seed's eval rows. seeds: (tokens, NLL diff, row ids) per seed.
+    When every seed has the same rows and tokens (one eval split), one row draw serves all seeds
+    of a resample: the rows are a shared sample, and drawing them per seed would average their
+    noise away. Otherwise (a split per seed) each drawn seed gets its own row draw."""
+    import numpy as np
+
+    n = len(seeds)
+    shared = all(s[2] == seeds[0][2] and np.array_equal(s[0], seeds[0][0]) for s in seeds)
+    pick = rng.integers(0, n, size=(resamples, n))
+
+    def counts(m):
+        draw = rng.integers(0, m, size=(resamples, m))
+        flat = (np.arange(resamples)[:, None] * m + draw).ravel()
+        return np.bincount(flat, minlength=resamples * m).reshape(resamples, m).astype(float)
+
+    def deltas(c, tokens, nll):  # (resamples, seeds) token-weighted and per-example deltas
+        keep = tokens > 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tw = (c @ nll.T) / (c @ tokens)[:, None]
+            pe = (c[:, keep] @ (nll[:, keep] / tokens[keep]).T) / c[:, keep].sum(1)[:, None]
+        return tw, pe
+
+    if shared:
+        tokens = seeds[0][0]
+        tw, pe = deltas(counts(len(tokens)), tokens, np.stack([s[1] for s in seeds]))
+        rows = np.arange(resamples)[:, None]
+        tw, pe = tw[rows, pick], pe[rows, pick]
+    else:
+        per_seed = [deltas(counts(len(t)), t, nll[None, :]) for t, nll, _ in seeds]
+        tw_all = np.stack([d[0][:, 0] for d in per_seed])     # (seeds, resamples)
+        pe_all = np.stack([d[1][:, 0] for d in per_seed])
+        # slot j of resample b takes seed pick[b, j]'s row resample order[j, b]: independent
+        # row draws for the slots, without a row draw per (resample, slot) in memory
+        order = np.stack([rng.permutation(resamples) for _ in range(n)])
+        tw = tw_all[pick, order.T]
+        pe = pe_all[pick, order.T]
+    tw, pe = tw.mean(1), pe.mean(1)
+    return tw[np.isfinite(tw)], pe[np.isfinite(pe)], "shared" if shared else "per seed"
+
+
+def seed_level(seed_pairs, column: str, resamples: int, seed: int) -> dict:
+    """The seed-level statistics of the docstring over (label, rows A, rows B) per seed, and each
+    seed's own paired deltas (with its row bootstrap)."""
+    import numpy as np
+
+    check_resamples(resamples)
+    per_seed, arrays = {}, []
+    for i, (label, rows_a, rows_b) in enumerate(seed_pairs):
+        per_seed[label] = paired_deltas(rows_a, rows_b, column, resamples, seed + i)
+        ids, tokens, nll_diff = paired_arrays(rows_a, rows_b, column)
+        arrays.append((tokens, nll_diff, ids))
+    labels = list(per_seed)
+    boot_tw, boot_pe, rows = bootstrap_two_level(arrays, resamples, np.random.default_rng(seed))
+    out = {"seeds": len(labels), "labels": labels, "interval": SEED_INTERVAL,
+           "bootstrap": (f"two-level: seeds with replacement, then eval rows ({rows} row draw; "
+                         f"{resamples} resamples); percentile 95%"),
+           "per_seed": per_seed}
+    for key, boot in (("token_weighted", boot_tw), ("per_example", boot_pe)):
+        deltas = np.array([per_seed[s][key]["delta"] for s in labels])
+        mean, low, high, p = t_interval(deltas)
+        finite = bool(np.isfinite(low))
+        out[key] = {
+            "per_seed_deltas": deltas.tolist(),
+            "mean_delta": float(mean),
+            "sd_over_seeds": float(deltas.std(ddof=1)) if len(deltas) > 1 else None,
+            "ci95_t": [float(low), float(high)] if finite else None,
+            "ci95_bootstrap": ([float(v) for v in np.percentile(boot, [2.5, 97.5])]
+                               if len(boot) else None),
+            "p_value": float(p) if np.isfinite(p) else None,
+            "ci_excludes_zero": bool(finite and (low > 0 or high < 0)),
+            "seeds_a_better": int((deltas < 0).sum()),
+        }
+    return out
+
+
+def compare_arms(arm_pairs: dict, baselines: list[str], column: str, resamples: int,
+                 seed: int) -> dict:
+    """comparisons[arm][baseline] = seed_level(arm vs baseline) for every arm and every baseline
+    it is not. arm_pairs: {arm: {seed label: path}}."""
+    missing = [b for b in baselines if b not in arm_pairs]
+    if missing:
+        raise PipelineError(f"--baselines {missing[0]} is not one of the --arm names "
+                            f"({', '.join(arm_pairs)})")
+    labels = sorted({label for files in arm_pairs.values() for label in files})
+    for arm, files in arm_pairs.items():
+        absent = [label for label in labels if label not in files]
+        if absent:
+            other = next(a for a, f in arm_pairs.items() if absent[0] in f)
+            raise PipelineError(f"--arm {arm} has no file in a folder named {absent[0]} "
+                                f"(--arm {other} has {arm_pairs[other][absent[0]]})")
+    rows = {arm: {label: read_per_example(path, column) for label, path in files.items()}
+            for arm, files in arm_pairs.items()}
+    comparisons = {}
+    for arm in arm_pairs:
+        for baseline in baselines:
+            if baseline == arm:
+                continue
+            pairs = []
+            for label in labels:
+                a, b = rows[arm][label], rows[baseline][label]
+                if set(a) != set(b):
+                    raise PipelineError(f"{arm_pairs[arm][label]} and "
+                                        f"{arm_pairs[baseline][label]} cover different eval rows "
+                                        f"({len(set(a) ^ set(b))} differ): compare runs on the "
+                                        "same eval split")
+                pairs.append((label, a, b))
+            comparisons.setdefault(arm, {})[baseline] = seed_level(pairs, column, resamples, seed)
+    return comparisons
+
+
+def arm_files(arms: dict[str, list[str]]) -> dict[str, dict[str, Path]]:
+    """{arm: {seed folder name: file}} from each arm's glob."""
+    out = {}
+    for arm, patterns in arms.items():
+        files = {}
+        for path in expand(patterns, f"--arm {arm}"):
+            if path.parent.name in files:
+                raise PipelineError(f"--arm {arm}: {files[path.parent.name]} and {path} are in "
+                                    f"folders of the same name ({path.parent.name}): files are "
+                                    "paired by folder name")
+            files[path.parent.name] = path
+        out[arm] = files
+    return out
+
+
+def print_seed_level(name: str, r: dict) -> None:
+    for key in ("token_weighted", "per_example"):
+        s = r[key]
+        t = (f"[{s['ci95_t'][0]:+.5f}, {s['ci95_t'][1]:+.5f}]" if s["ci95_t"] else "[n/a]")
+        boot = (f"[{s['ci95_bootstrap'][0]:+.5f}, {s['ci95_bootstrap'][1]:+.5f}]"
+                if s["ci95_bootstrap"] else "[n/a]")
+        p = f"{s['p_value']:.3g}" if s["p_value"] is not None else "n/a"
+        print(f"{name} {key:>15}: mean over {r['seeds']} seeds {s['mean_delta']:+.5f}, 95% t "
+              f"{t}, two-level bootstrap {boot}, p {p}, A better in "
+              f"{s['seeds_a_better']}/{r['seeds']} seeds")
+
+
+def main_arms(args) -> None:
+    arm_pairs = arm_files(parse_arms(args.arm))
+    comparisons = compare_arms(arm_pairs, args.baselines, args.column, args.bootstrap,
+                               args.seed)
+    result = {"kind": "arm_comparisons", "label": args.label, "column": args.column,
+              "bootstrap": args.bootstrap, "baselines": args.baselines,
+              "unit": "seed", "interval": SEED_INTERVAL,
+              "arms": {arm: {label: str(path.resolve()) for label, path in files.items()}
+                       for arm, files in arm_pairs.items()},
+              "comparisons": comparisons, "provenance": provenance(seed=args.seed)}
+    if args.output_json:
+        write_json_atomic(args.output_json, result)
+    for arm, against in comparisons.items():
+        for baseline, r in against.items():
+            print_seed_level(f"{arm} - {baseline}", r)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    check_mode(args)
+    if args.arm:
+        main_arms(args)
+        return
     pairs = pair_files(args.a, args.b)
-    a, b = read_pairs(pairs, args.column)
+    seed_pairs = read_seed_pairs(pairs, args.column)
+    a, b = pool_rows(seed_pairs)
     result = paired_deltas(a, b, args.column, args.bootstrap, args.seed)
-    result.update({"column": args.column, "bootstrap": args.bootstrap,
+    result.update({"column": args.column, "bootstrap": args.bootstrap, "label": args.label,
                    "provenance": provenance(seed=args.seed)})
     if len(pairs) == 1:
         result.update({"a": str(pairs[0][1].resolve()), "b": str(pairs[0][2].resolve())})
     else:
         result["pooled_from"] = [{"label": label, "a": str(path_a.resolve()),
                                   "b": str(path_b.resolve())} for label, path_a, path_b in pairs]
+        result["pooling"] = ("the seeds' paired rows concatenated, bootstrap over rows: leaves "
+                             "out seed-to-seed variance (see seed_level)")
+        result["seed_level"] = seed_level(seed_pairs, args.column, args.bootstrap, args.seed)
     if args.output_json:
         write_json_atomic(args.output_json, result)
+    pooled = " (pooled rows)" if len(pairs) > 1 else ""
     for name in ("token_weighted", "per_example"):
         r = result[name]
         print(f"{name:>15}: A - B = {r['delta']:+.5f}  95% CI [{r['ci95'][0]:+.5f}, "
-              f"{r['ci95'][1]:+.5f}]")
-    pooled = f" pooled over {len(pairs)} seed folders" if len(pairs) > 1 else ""
-    print(f"A better on {result['fraction_rows_a_better']:.1%} of {result['rows']} rows{pooled}")
+              f"{r['ci95'][1]:+.5f}]{pooled}")
+    print(f"A better on {result['fraction_rows_a_better']:.1%} of {result['rows']} rows"
+          + (f" pooled over {len(pairs)} seed folders" if len(pairs) > 1 else ""))
+    if len(pairs) > 1:
+        print_seed_level("A - B", result["seed_level"])
 
 
 if __name__ == "__main__":

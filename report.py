@@ -7,6 +7,9 @@ from its JSON; a file that is absent only drops its part and is listed under "no
     uv run report.py --run-dir runs/smoltalk_v1 --seeds-glob 'seed_[0-4]'
     uv run report.py --run-dir runs/smoltalk_v1 --seed-dirs runs/smoltalk_v1/seed_42 runs/b/seed_1
 
+report.md opens with the verdict when the run has one (recipes/verdict.toml): one sentence made
+from the numbers (never written by hand), then the table it summarises; the older sections follow.
+
 Seed folders: --seed-dirs D [D ...] exactly these, in the order given; else the folders under
 --run-dir matching --seeds-glob (default seed_*), sorted by the number in their name, else by
 name. A seed is labelled by its folder name.
@@ -32,7 +35,32 @@ folder, which is looked in first):
   seed_<s>/eval_words.json                 eval_words.py (Taboo: per-model successes, per-row
                                            outcomes)
 
+The verdict's layout (recipes/verdict.toml; <design> is scratch or continue):
+  <run>/compare_<design>.json              compare_evals.py --arm ... --baselines ...: every arm
+                                           against random, random_stratified, longest, reward,
+                                           the seeds as the unit
+  seed_<s>/arms/summary.json               score.py --arms: arms.<arm>.rows, supervised_tokens
+  seed_<s>/adapter_<design>_<arm>/train_metrics.json
+                                           finetune.py: optimizer_steps, rows_seen,
+                                           supervised_tokens_seen, step_tokens, budget_tokens
+  seed_<s>/eval_<design>_<arm>.json        eval_loss.py --skip-base
+  <split>/scores/summary.json, scores_raw/summary.json
+                                           score.py --scores-only: length_diagnostics (the
+                                           score-length Spearman of attribution / attribution_raw)
+
 Sections:
+  Verdict      per design and arm: the mean over seeds of the per-seed token-weighted delta
+               against the control arm (--control, default random; < 0: the arm is better) with
+               its 95% t-interval over seeds (compare_evals.py's seed_level; the seeds are the
+               unit, so the interval holds the training variance), seeds where the arm is
+               better, the Holm-adjusted p-value (Holm's step-down over the arms compared with
+               the control in that design), the per-example delta, the deltas against
+               random_stratified, longest and reward, each arm's subset (rows, supervised tokens)
+               and what it trained on (optimizer steps, supervised tokens: equal steps and tokens
+               = budget-matched), its mean eval loss and the score-length Spearman. The sentence
+               names --headline (default attribution): "beats" when its t-interval lies below 0
+               and its Holm-adjusted p < 0.05, "is worse than" when above 0 with p < 0.05, else
+               "does not beat". A plot: one point per seed per arm.
   SmolTalk     per seed, compare_evals.py's top-k minus matched random ("finetuned" losses;
                negative = top-k better): token-weighted and per-example deltas with paired
                bootstrap 95% CIs over eval rows, per-category token-weighted deltas. Pooled:
@@ -88,9 +116,17 @@ EVAL_FILES = {  # continuation adapter: eval_loss.py's result in a seed folder
     "sae_top_k": "eval_sae_top_k.json", "sae_matched_random_k": "eval_sae_matched_random_k.json",
 }
 SCORES_FILE = Path("attribution") / "train_scores.jsonl"
-SCORE_SUMMARY_FILE = Path("attribution") / "summary.json"
 SAE_ROWS_FILE = Path("sae_predictor") / "row_scores.jsonl"
 TABOO_FILE = Path("eval_words.json")
+SPLIT_SCORES_FILE = Path("scores") / "train_scores.jsonl"   # the score step's, once per split
+ARMS_SUMMARY_FILE = Path("arms") / "summary.json"
+VERDICT_GLOB = "compare_*.json"
+DESIGN_ORDER = ("scratch", "continue")
+DESIGN_PHRASE = {"scratch": "from scratch", "continue": "continuing the base adapter"}
+VERDICT_BASELINES = ("random_stratified", "longest", "reward")  # columns beside the control
+ARM_SCORE_SUMMARY = {  # arm: the score folder (in the split folder) whose length diagnostics apply
+    "attribution": "scores", "attribution_bottom": "scores", "attribution_raw": "scores_raw"}
+ALPHA = 0.05
 
 
 def parse_args(argv=None):
@@ -104,6 +140,10 @@ def parse_args(argv=None):
                        help="seed folders under --run-dir (default: %(default)s)")
     p.add_argument("--output-dir", default=None,
                    help="report.md, report.json, *.png (default: <run-dir>/report)")
+    p.add_argument("--control", default="random",
+                   help="the verdict's control arm (default: %(default)s)")
+    p.add_argument("--headline", default="attribution",
+                   help="the arm the verdict sentence is about (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -134,6 +174,19 @@ def spearman(x, y) -> float | None:
 
 def jaccard(a: set, b: set) -> float | None:
     return len(a & b) / len(a | b) if a | b else None
+
+
+def holm(p_values: dict) -> dict:
+    """Holm's step-down adjustment of a family of p-values: the i-th smallest (i from 0) times
+    (m - i), made non-decreasing, capped at 1. Written here because scipy has no Holm
+    (statsmodels' multipletests has, but is not a dependency for ten lines). None (no test, e.g.
+    one seed) stays None and is not counted in m."""
+    tested = sorted((p, name) for name, p in p_values.items() if p is not None)
+    m, running, out = len(tested), 0.0, {name: None for name in p_values}
+    for i, (p, name) in enumerate(tested):
+        running = max(running, min(1.0, (m - i) * p))
+        out[name] = running
+    return out
 
 
 def pooled_mcnemar(tests: list[dict]) -> dict:
@@ -264,6 +317,10 @@ def smoltalk_section(seeds: dict[str, Path], run_dir: Path) -> dict:
             if sorted(pooled_labels(pooled_result)) == sorted(results):
                 pooled.update({key: pooled_result[key] for key in COMPARE_STATS},
                               source=str(pooled_path))
+                if "seed_level" in pooled_result:   # compare_evals.py's seeds-as-unit answer
+                    level = pooled_result["seed_level"]
+                    pooled["seed_level"] = {key: level[key] for key in (
+                        "seeds", "interval", "bootstrap", "token_weighted", "per_example")}
             else:
                 covered = ", ".join(pooled_labels(pooled_result))
                 pooled["skipped"] = f"{pooled_path} pools {covered}, not the seeds reported"
@@ -336,6 +393,191 @@ def taboo_section(seeds: dict[str, Path]) -> dict:
 
 
 
+def verdict_files(run_dir: Path) -> dict[str, tuple[Path, dict]]:
+    """{design: (path, result)} of the run folder's compare_evals.py arm comparisons, designs in
+    DESIGN_ORDER, then by name."""
+    found = {}
+    for path in sorted(run_dir.glob(VERDICT_GLOB)):
+        result = read_json(path, "comparison")
+        if result.get("kind") != "arm_comparisons":
+            continue
+        if not isinstance(result.get("comparisons"), dict) or not result["comparisons"]:
+            raise PipelineError(f"{path} has no comparisons: not compare_evals.py --arm output")
+        design = result.get("label") or path.stem.removeprefix("compare_")
+        if design in found:
+            raise PipelineError(f"{found[design][0]} and {path} are both design {design}")
+        found[design] = (path, result)
+    order = {d: i for i, d in enumerate(DESIGN_ORDER)}
+    return dict(sorted(found.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+
+def value_range(values: list) -> dict | None:
+    """min / max / mean of the values that exist (the seeds'); None if none does."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"min": min(values), "max": max(values), "mean": sum(values) / len(values),
+            "seeds": len(values)}
+
+
+def seed_stat(result: dict) -> dict:
+    """The verdict's numbers of one compare_evals.py seed_level result."""
+    tw, pe = result["token_weighted"], result["per_example"]
+    return {"seeds": result["seeds"], "mean_delta": tw["mean_delta"], "ci95_t": tw["ci95_t"],
+            "ci95_bootstrap": tw["ci95_bootstrap"], "p_value": tw["p_value"],
+            "seeds_better": tw["seeds_a_better"], "per_seed_deltas": tw["per_seed_deltas"],
+            "labels": result["labels"], "per_example_mean_delta": pe["mean_delta"],
+            "per_example_ci95_t": pe["ci95_t"]}
+
+
+def judge(stat: dict | None, p_holm: float | None) -> str:
+    """beats / is worse than / does not beat (or 'cannot be judged' without a seed-level
+    interval): the interval and the Holm-adjusted p must agree before a difference is claimed."""
+    if stat is None or stat["ci95_t"] is None:
+        return "cannot be judged against"
+    low, high = stat["ci95_t"]
+    if p_holm is not None and p_holm < ALPHA and high < 0:
+        return "beats"
+    if p_holm is not None and p_holm < ALPHA and low > 0:
+        return "is worse than"
+    return "does not beat"
+
+
+def arm_training(folder: Path, design: str, arm: str) -> dict | None:
+    path = folder / f"adapter_{design}_{arm}" / "train_metrics.json"
+    if not path.is_file():
+        return None
+    metrics = read_json(path, "train metrics")
+    return {key: metrics.get(key) for key in ("optimizer_steps", "rows_seen",
+                                              "supervised_tokens_seen", "step_tokens",
+                                              "budget_tokens", "init", "preset")}
+
+
+def score_length_spearman(folder: Path, run_dir: Path, arm: str) -> float | None:
+    name = ARM_SCORE_SUMMARY.get(arm)
+    path = split_file(folder, run_dir, f"{name}/summary.json") if name else None
+    if path is None:
+        return None
+    diagnostics = read_json(path, "score summary").get("length_diagnostics") or {}
+    return diagnostics.get("spearman_supervised_tokens")
+
+
+def verdict_design(design: str, path: Path, result: dict, seeds: dict[str, Path], run_dir: Path,
+                   control: str, missing: list[str]) -> dict:
+    comparisons = result["comparisons"]
+    arms = list(result.get("arms") or comparisons)
+    labels = next(iter(next(iter(comparisons.values())).values()))["labels"]
+    folders = {label: seeds.get(label, run_dir / label) for label in labels}
+    entries = {}
+    for arm in arms:
+        against = comparisons.get(arm, {})
+        entry = {"vs": {b: seed_stat(r) for b, r in against.items()}}
+        selection, training, losses, rho = [], [], [], []
+        for label, folder in folders.items():
+            summary_path = folder / ARMS_SUMMARY_FILE
+            if summary_path.is_file():
+                selection.append((read_json(summary_path, "arms summary").get("arms") or {})
+                                 .get(arm))
+            else:
+                missing.append(f"{label}: {ARMS_SUMMARY_FILE}")
+            trained = arm_training(folder, design, arm)
+            if trained is None:
+                missing.append(f"{label}: adapter_{design}_{arm}/train_metrics.json")
+            training.append(trained)
+            eval_path = folder / f"eval_{design}_{arm}.json"
+            losses.append((read_json(eval_path, "eval result").get("finetuned") or {}).get("loss")
+                          if eval_path.is_file() else None)
+            rho.append(score_length_spearman(folder, run_dir, arm))
+        entry.update({
+            "subset_rows": value_range([s.get("rows") for s in selection if s]),
+            "subset_supervised_tokens": value_range([s.get("supervised_tokens")
+                                                     for s in selection if s]),
+            "optimizer_steps": value_range([t.get("optimizer_steps") for t in training if t]),
+            "supervised_tokens_trained": value_range([t.get("supervised_tokens_seen")
+                                                      for t in training if t]),
+            "rows_trained": value_range([t.get("rows_seen") for t in training if t]),
+            "eval_loss": value_range(losses),
+            "score_length_spearman": value_range(rho),
+            "_training": training})
+        entries[arm] = entry
+    adjusted = holm({arm: e["vs"][control]["p_value"] for arm, e in entries.items()
+                     if control in e["vs"]})
+    for arm, entry in entries.items():
+        entry["p_holm"] = adjusted.get(arm)
+        entry["verdict"] = (judge(entry["vs"].get(control), entry["p_holm"])
+                            if arm != control else None)
+    trainings = [t for e in entries.values() for t in e.pop("_training")]
+    matched = (bool(trainings) and all(trainings)
+               and len({(t["optimizer_steps"], t["budget_tokens"], t["step_tokens"])
+                        for t in trainings}) == 1
+               and trainings[0]["budget_tokens"] is not None
+               and trainings[0]["step_tokens"] is not None)
+    k = (entries.get("attribution") or {}).get("subset_rows")  # the top-k's k
+    return {"file": str(path), "seeds": labels, "control": control, "arms": entries,
+            "k": int(k["max"]) if k else None, "budget_matched": matched,
+            "budget_rule": ("every arm and seed trained the same optimizer steps under the same "
+                            "--step-tokens and --budget-tokens (finetune.py's train_metrics.json)"),
+            "holm": f"Holm step-down over the {sum(p is not None for p in adjusted.values())} "
+                    f"arm(s) compared with {control} in this design",
+            "interval": result.get("interval")}
+
+
+def verdict_section(seeds: dict[str, Path], run_dir: Path, control: str,
+                    headline: str) -> tuple[dict, list[str]]:
+    missing: list[str] = []
+    designs = {design: verdict_design(design, path, result, seeds, run_dir, control, missing)
+               for design, (path, result) in verdict_files(run_dir).items()}
+    if not designs:
+        return {}, []
+    for design, d in designs.items():
+        if control not in d["arms"]:
+            raise PipelineError(f"{d['file']}: no arm '{control}' (--control); arms: "
+                                f"{', '.join(d['arms'])}")
+    return ({"control": control, "headline": headline, "designs": designs,
+             "sentence": verdict_sentence(designs, control, headline)}, missing)
+
+
+def fmt_interval(interval) -> str:
+    return f"[{interval[0]:+.4f}, {interval[1]:+.4f}]" if interval else "[no interval]"
+
+
+def fmt_p(p) -> str:
+    return "n/a" if p is None else f"{p:.2g}"
+
+
+def verdict_sentence(designs: dict, control: str, headline: str) -> str:
+    """One sentence from the numbers: the headline arm against the control, per design."""
+    clauses, verbs = [], []
+    for design, d in designs.items():
+        entry = d["arms"].get(headline)
+        stat = (entry or {}).get("vs", {}).get(control)
+        if stat is None:
+            continue
+        phrase = DESIGN_PHRASE.get(design, f"in design {design}")
+        seeds = f"{stat['seeds']} seed{'s' if stat['seeds'] != 1 else ''}"
+        clauses.append((entry["verdict"], phrase,
+                        f"{stat['mean_delta']:+.4f} {fmt_interval(stat['ci95_t'])} over {seeds}",
+                        f"{stat['seeds_better']}/{stat['seeds']} seeds better; Holm-adjusted "
+                        f"p = {fmt_p(entry['p_holm'])}"))
+        verbs.append(entry["verdict"])
+    if not clauses:
+        return (f"No verdict: no design compares arm '{headline}' with '{control}' "
+                f"({', '.join(designs)}).")
+    k = next((d["k"] for d in designs.values() if d["k"]), None)
+    name = headline.replace("_", " ").capitalize() + (f" (top-{k})" if k and headline.startswith(
+        "attribution") and headline != "attribution_bottom" else "")
+    matched = all(d["budget_matched"] for d in designs.values())
+    control_text = (f"budget-matched {control.replace('_', ' ')} data" if matched
+                    else f"{control.replace('_', ' ')} data (not budget-matched: see the steps "
+                         "and tokens below)")
+    if len(set(verbs)) == 1:
+        body = "; ".join(f"{delta} {phrase} ({rest})" for _, phrase, delta, rest in clauses)
+        return (f"{name} {verbs[0]} {control_text} here: Δ eval loss vs {control} {body}.")
+    parts = [f"{verb} {control_text if i == 0 else 'it'} {phrase} (Δ eval loss vs {control} "
+             f"{delta}; {rest})" for i, (verb, phrase, delta, rest) in enumerate(clauses)]
+    return f"{name} " + ", but ".join(parts) + "."
+
+
 def attribution_section(seeds: dict[str, Path], run_dir: Path) -> tuple[dict, dict]:
     """(attribution diagnostics, planted-signal results); also keeps the per-row data for plots
     under the private key '_rows'."""
@@ -344,6 +586,8 @@ def attribution_section(seeds: dict[str, Path], run_dir: Path) -> tuple[dict, di
     per_seed, planted, top_sets = {}, {}, {}
     for label, folder in seeds.items():
         scores_path = folder / SCORES_FILE
+        if not scores_path.is_file():  # the verdict's layout: the split's scores, no subsets
+            scores_path = split_file(folder, run_dir, str(SPLIT_SCORES_FILE)) or scores_path
         sae_path = folder / SAE_ROWS_FILE
         corruption = train_base_corruption(folder, run_dir)
         entry = {}
@@ -367,12 +611,14 @@ def attribution_section(seeds: dict[str, Path], run_dir: Path) -> tuple[dict, di
                                                           for r in random_k),
                 "_rows": rows,
             })
-            summary_path = folder / SCORE_SUMMARY_FILE
+            summary_path = scores_path.parent / "summary.json"
             if summary_path.is_file():
                 summary = read_json(summary_path, "score summary")
                 entry["score_settings"] = {key: summary.get(key) for key in (
                     "score_mode", "preconditioning_mode", "projection_dim", "tokenization_mode")}
-            top_sets[label] = {r["row_id"] for r in top}
+            entry["scores_file"] = str(scores_path)
+            if any("in_top_k" in r for r in rows):
+                top_sets[label] = {r["row_id"] for r in top}
         sae_rows = read_jsonl(sae_path) if sae_path.is_file() else None
         if sae_rows is not None:
             kept = [r for r in sae_rows if r.get("predicted_rank") is not None
@@ -416,13 +662,14 @@ def planted_signal(corruption: dict, rows, sae_rows) -> dict:
         out["attribution"] = {
             "auc_clean_vs_corrupted": auc_mann_whitney(clean, bad),
             "scored_clean": len(clean), "scored_corrupted": len(bad),
-            "unscored_rows": len(rows) - len(scored),
-            "corrupted_in_top_k": sum(corruption[r["row_id"]] for r in in_top),
-            "top_k": len(in_top),
-            "corrupted_in_matched_random_k": sum(corruption[r["row_id"]] for r in in_random),
-            "matched_random_k": len(in_random),
-            "expected_by_chance": None if rate is None else rate * len(in_top),
-        }
+            "unscored_rows": len(rows) - len(scored)}
+        if any("in_top_k" in r for r in rows):  # scores with subsets (not the verdict's layout)
+            out["attribution"].update({
+                "corrupted_in_top_k": sum(corruption[r["row_id"]] for r in in_top),
+                "top_k": len(in_top),
+                "corrupted_in_matched_random_k": sum(corruption[r["row_id"]] for r in in_random),
+                "matched_random_k": len(in_random),
+                "expected_by_chance": None if rate is None else rate * len(in_top)})
     if sae_rows is not None:
         scored = [(r["predicted_score"], corruption.get(r["row_id"], None)) for r in sae_rows
                   if r.get("predicted_score") is not None]
@@ -463,6 +710,38 @@ def plot_smoltalk(path: Path, smoltalk: dict) -> None:
         ax.set_xlabel("loss delta, NLL per token")
         ax.set_title(key.replace("_", "-"))
     fig.suptitle("top-k minus matched random, 95% bootstrap CI (< 0: top-k better)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_verdict(path: Path, verdict: dict) -> None:
+    """One panel per design: each seed's token-weighted delta against the control (a dot per seed
+    per arm), the mean over seeds and its 95% t-interval (a bar)."""
+    import matplotlib.pyplot as plt
+
+    control = verdict["control"]
+    designs = verdict["designs"]
+    n_arms = max(len(d["arms"]) for d in designs.values())
+    fig, axes = plt.subplots(1, len(designs), figsize=(5.5 * len(designs), 1.2 + 0.5 * n_arms),
+                             squeeze=False, sharey=False)
+    for ax, (design, d) in zip(axes[0], designs.items()):
+        arms = [a for a in d["arms"] if control in d["arms"][a]["vs"]]
+        for y, arm in enumerate(arms):
+            stat = d["arms"][arm]["vs"][control]
+            deltas = stat["per_seed_deltas"]
+            jitter = [(i - (len(deltas) - 1) / 2) * 0.08 for i in range(len(deltas))]
+            ax.scatter(deltas, [y + j for j in jitter], s=18, color="tab:blue", zorder=3)
+            if stat["ci95_t"]:
+                low, high = stat["ci95_t"]
+                ax.errorbar(stat["mean_delta"], y, xerr=[[stat["mean_delta"] - low],
+                                                         [high - stat["mean_delta"]]],
+                            fmt="s", color="black", capsize=4, zorder=2)
+        ax.axvline(0, color="grey", lw=0.8, ls="--")
+        ax.set_yticks(range(len(arms)), arms)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"eval loss delta vs {control} (NLL/token; < 0: arm better)")
+        ax.set_title(f"{design}: {len(d['seeds'])} seeds (dots), mean and 95% t-CI")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -557,8 +836,64 @@ def table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def render_header(report: dict) -> list[str]:
-    return [f"# Report: {report['run_dir']}", "",
-            "Seeds: " + ", ".join(f"`{k}` ({v})" for k, v in report["seeds"].items()), ""]
+    lines = [f"# Report: {report['run_dir']}", ""]
+    if report["verdict"]:
+        lines += [f"**Verdict.** {report['verdict']['sentence']}", ""]
+    return lines + ["Seeds: " + ", ".join(f"`{k}` ({v})" for k, v in report["seeds"].items()),
+                    ""]
+
+
+def fmt_range(r: dict | None, digits: int = 0) -> str:
+    """A value over seeds: one number when every seed has it, else min-max."""
+    if r is None:
+        return "n/a"
+    show = (lambda v: f"{v:.{digits}f}") if digits else (lambda v: f"{round(v)}")
+    return show(r["min"]) if r["min"] == r["max"] else f"{show(r['min'])}-{show(r['max'])}"
+
+
+def render_verdict(verdict: dict, plots: dict[str, str]) -> list[str]:
+    control = verdict["control"]
+    lines = ["## Verdict", "",
+             f"Δ = arm minus {control}, eval loss in NLL per supervised token (< 0: the arm is "
+             "better), the mean over seeds of each seed's paired token-weighted delta, with its "
+             "95% t-interval over seeds (the seeds are the unit: compare_evals.py seed_level). "
+             f"Holm p: Holm-adjusted over the arms compared with {control} in that design. "
+             "Subset = the rows the arm selected; trained = what finetune.py saw (rows counted "
+             "with repeats; steps and supervised tokens: equal in every arm when the budget is "
+             "matched). Spearman: the "
+             "arm's score against supervised tokens over the pool. Ranges are min-max over "
+             "seeds.", ""]
+    others = [b for b in VERDICT_BASELINES if b != control]
+    header = (["design", "arm", f"Δ vs {control} [95% CI over seeds]", "seeds better", "Holm p",
+               "per-example Δ"] + [f"Δ vs {b}" for b in others]
+              + ["subset rows", "subset sup. tokens", "steps", "rows trained",
+                 "sup. tokens trained", "eval loss", "score-length Spearman"])
+    rows = []
+    for design, d in verdict["designs"].items():
+        for arm, e in d["arms"].items():
+            stat = e["vs"].get(control)
+            main = ([f"{stat['mean_delta']:+.4f} {fmt_interval(stat['ci95_t'])}",
+                     f"{stat['seeds_better']}/{stat['seeds']}", fmt_p(e["p_holm"]),
+                     f"{stat['per_example_mean_delta']:+.4f}"] if stat
+                    else ["(control)" if arm == control else "n/a", "", "", ""])
+            vs = [f"{e['vs'][b]['mean_delta']:+.4f} {fmt_interval(e['vs'][b]['ci95_t'])}"
+                  if b in e["vs"] else "" for b in others]
+            rows.append([design, arm, *main, *vs, fmt_range(e["subset_rows"]),
+                         fmt_range(e["subset_supervised_tokens"]), fmt_range(e["optimizer_steps"]),
+                         fmt_range(e["rows_trained"]), fmt_range(e["supervised_tokens_trained"]),
+                         fmt_range(e["eval_loss"], 4),
+                         fmt_range(e["score_length_spearman"], 3)])
+    lines += table(header, rows)
+    for design, d in verdict["designs"].items():
+        budget = ("budget-matched: " + d["budget_rule"] if d["budget_matched"] else
+                  "NOT budget-matched: the arms' optimizer steps, --step-tokens or "
+                  "--budget-tokens differ (or a train_metrics.json is missing)")
+        lines.append(f"- {design}: {len(d['seeds'])} seeds ({', '.join(d['seeds'])}), "
+                     f"{d['file']}; {budget}; {d['holm']}.")
+    lines.append("")
+    if "verdict" in plots:
+        lines += [f"![verdict: one point per seed per arm]({plots['verdict']})", ""]
+    return lines
 
 
 def render_comparison(name: str, comp: dict) -> list[str]:
@@ -580,6 +915,13 @@ def render_comparison(name: str, comp: dict) -> list[str]:
     lines += [f"{pooled_note}Mean of per-seed token-weighted deltas "
               f"{over['mean_token_weighted_delta']:+.5f}; top-k better in "
               f"{over['seeds_a_better_token_weighted']}/{over['seeds']} seeds.", ""]
+    level = pooled.get("seed_level")
+    if level:
+        tw = level["token_weighted"]
+        lines += [f"Seeds as the unit (compare_evals.py seed_level): mean token-weighted delta "
+                  f"{tw['mean_delta']:+.5f}, 95% t-interval over {level['seeds']} seeds "
+                  f"{fmt_interval(tw['ci95_t'])}, two-level bootstrap "
+                  f"{fmt_interval(tw['ci95_bootstrap'])}, t-test p {fmt_p(tw['p_value'])}.", ""]
     return lines + render_per_category(comp)
 
 
@@ -690,9 +1032,9 @@ def render_planted(planted: dict) -> list[str]:
         rows.append([label, f"{p['corrupted_rows']}/{p['train_base_rows']}",
                      fmt(att.get("auc_clean_vs_corrupted")),
                      fmt(sae.get("auc_clean_vs_corrupted")),
-                     f"{att['corrupted_in_top_k']}/{att['top_k']}" if att else "n/a",
+                     f"{att['corrupted_in_top_k']}/{att['top_k']}" if "top_k" in att else "n/a",
                      f"{att['corrupted_in_matched_random_k']}/{att['matched_random_k']}"
-                     if att else "n/a",
+                     if "top_k" in att else "n/a",
                      fmt(att.get("expected_by_chance"), 1)])
     return lines + table(["seed", "corrupted", "AUC attribution", "AUC SAE predictor",
                           "corrupted in top-k", "corrupted in random-k", "expected by chance"],
@@ -700,8 +1042,12 @@ def render_planted(planted: dict) -> list[str]:
 
 
 def render_markdown(report: dict, plots: dict[str, str]) -> str:
-    lines = (render_header(report) + render_smoltalk(report, plots)
-             + render_taboo(report["taboo"], plots)
+    verdict = render_verdict(report["verdict"], plots) if report["verdict"] else []
+    smoltalk = ([] if report["verdict"] and not report["smoltalk"]
+                else render_smoltalk(report, plots))
+    taboo = [] if report["verdict"] and not report["taboo"] else render_taboo(report["taboo"],
+                                                                              plots)
+    lines = (render_header(report) + verdict + smoltalk + taboo
              + render_attribution(report["attribution"], plots)
              + render_planted(report["planted_signal"]))
     if report["not_found"]:
@@ -736,10 +1082,13 @@ def smoltalk_missing(seeds: dict[str, Path]) -> str:
             f"{' or '.join(COMPARISONS.values())}: run the recipe's compare steps.")
 
 
-def not_found(seeds: dict[str, Path], run_dir: Path, smoltalk: dict) -> list[str]:
+def not_found(seeds: dict[str, Path], run_dir: Path, smoltalk: dict, verdict: bool) -> list[str]:
     missing = []
+    # a verdict run has no per-seed top-k subsets or top-vs-random comparisons to miss
+    expected = ([SAE_ROWS_FILE] if verdict
+                else [SCORES_FILE, SAE_ROWS_FILE, TABOO_FILE, *map(Path, COMPARISONS.values())])
     for label, folder in seeds.items():
-        for rel in [SCORES_FILE, SAE_ROWS_FILE, TABOO_FILE, *map(Path, COMPARISONS.values())]:
+        for rel in expected:
             if not (folder / rel).is_file():
                 missing.append(f"{label}: {rel}")
         evaluated = any((folder / name).is_file() for name in EVAL_FILES.values())
@@ -753,24 +1102,31 @@ def not_found(seeds: dict[str, Path], run_dir: Path, smoltalk: dict) -> list[str
     return missing
 
 
-def collect(seeds: dict[str, Path], run_dir: Path) -> dict:
+def collect(seeds: dict[str, Path], run_dir: Path, control: str = "random",
+            headline: str = "attribution") -> dict:
+    verdict, verdict_missing = verdict_section(seeds, run_dir, control, headline)
     smoltalk = smoltalk_section(seeds, run_dir)
     taboo = taboo_section(seeds)
     attribution, planted = attribution_section(seeds, run_dir)
-    if not (smoltalk or taboo or attribution["per_seed"] or planted):
+    if not (verdict or smoltalk or taboo or attribution["per_seed"] or planted):
         raise PipelineError(f"nothing to report in {', '.join(map(str, seeds.values()))}: no "
                             "compare_*.json, eval_words.json, attribution scores, SAE predictor "
                             "rows or corrupted train_base")
     return {"run_dir": str(run_dir),
             "seeds": {label: str(folder) for label, folder in seeds.items()},
+            "verdict": verdict,
             "smoltalk": smoltalk, "smoltalk_missing": smoltalk_missing(seeds),
             "eval_loss": eval_loss_section(seeds, run_dir), "taboo": taboo,
             "attribution": attribution, "planted_signal": planted,
-            "not_found": not_found(seeds, run_dir, smoltalk)}
+            "not_found": sorted(set(verdict_missing)) + not_found(seeds, run_dir, smoltalk,
+                                                                  bool(verdict))}
 
 
 def write_plots(staged: Path, report: dict, seeds: dict[str, Path], run_dir: Path) -> dict:
     plots = {}
+    if report["verdict"]:
+        plots["verdict"] = "verdict_seeds.png"
+        plot_verdict(staged / plots["verdict"], report["verdict"])
     if report["smoltalk"]:
         plots["smoltalk"] = "smoltalk_deltas.png"
         plot_smoltalk(staged / plots["smoltalk"], report["smoltalk"])
@@ -802,7 +1158,7 @@ def main(argv=None) -> None:
     seeds = {d.name: d for d in find_seed_dirs(args)}
     output_dir = Path(args.output_dir) if args.output_dir else run_dir / "report"
     check_output_dir(output_dir)
-    collected = collect(seeds, run_dir)
+    collected = collect(seeds, run_dir, args.control, args.headline)
     staged = staging_dir(output_dir)
     try:
         plots = write_plots(staged, collected, seeds, run_dir)
@@ -813,6 +1169,8 @@ def main(argv=None) -> None:
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
+    if collected["verdict"]:
+        print(collected["verdict"]["sentence"])
     print(f"wrote {output_dir}/report.md, report.json and {len(plots)} plot(s) "
           f"for {len(seeds)} seed folder(s)")
 

@@ -10,14 +10,40 @@ Every random draw is numpy `default_rng(seed)`, so the same seed gives the same 
   token_matched_random_rows     a random run of rows holding the reference's supervised tokens
   length_stratified_random_rows as many rows per length quintile as the reference has
   choose_subsets                top-k plus the control named by --random-match
+  select_arm                    one arm of the verdict (ARMS): k rows of the pool by its rule
+  summarize_arms                rows, tokens and mean score of each arm (score.py's summary.json)
+  read_arm_scores               a second score column for a score arm (--arm-scores NAME=PATH)
+
+Arms (score.py --arms) all draw from the same candidates, the rows with a finite attribution
+score (rows without a supervised token have none), so arms differ only in their rule. The
+reference is the attribution top-k: the random arms avoid it (unless allow_overlap) and the
+stratified and token-matched ones copy its length mix or its tokens. A score arm (attribution_raw,
+sae, or any name given its own scores) is the top-k of its own column among the candidates.
+Random arms change with the seed; the others do not.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from pipeline import PipelineError
 
 RANDOM_MATCHES = ("rows", "tokens", "stratified")
 LENGTH_STRATA = 5  # quintiles of supervised tokens
+ARMS = {  # name: the rule (score.py --arms help; report.py's table)
+    "attribution": "the k best attribution scores (the reference top-k)",
+    "attribution_bottom": "the k lowest finite attribution scores (a working selector hurts here)",
+    "attribution_raw": "the top-k of a second score run (--arm-scores attribution_raw=DIR)",
+    "sae": "the top-k of the SAE predictor's out-of-fold predicted_score "
+           "(--arm-scores sae=row_scores.jsonl)",
+    "random": "k uniform random rows, outside the reference top-k",
+    "random_stratified": "as many random rows per length quintile as the reference top-k",
+    "random_tokens": "random rows until the reference top-k's supervised tokens",
+    "longest": "the k rows with the most supervised tokens (ties: lower position)",
+    "reward": "the k highest reward_model_score (rows without one never chosen)",
+}
+RANDOM_ARMS = ("random", "random_stratified", "random_tokens")
+SCORE_ARMS = ("attribution_raw", "sae")  # need arm_scores[name]; any other name given there too
 
 
 def rank_rows(scores) -> list[int]:
@@ -122,16 +148,162 @@ def choose_subsets(ranking: list[int], k: int, seed: int, allow_overlap: bool,
         raise PipelineError(f"--random-match {random_match}: expected one of "
                             f"{', '.join(RANDOM_MATCHES)}")
     top = top_k_rows(ranking, k)
-    candidates = sorted(ranking)
     if random_match != "rows" and supervised_tokens is None:
         raise PipelineError(f"--random-match {random_match} needs each row's supervised tokens")
+    return top, random_control(sorted(ranking), top, k, seed, allow_overlap, random_match,
+                               supervised_tokens)
+
+
+def random_control(candidates: list[int], reference: list[int], k: int, seed: int,
+                   allow_overlap: bool, random_match: str, supervised_tokens) -> list[int]:
+    """The random draw of choose_subsets (and of the random arms, so `--arms random` with a
+    seed is the matched_random_k of `--random-match rows` with that seed)."""
     if random_match == "tokens":
-        return top, token_matched_random_rows(candidates, top, supervised_tokens, seed,
-                                              allow_overlap)
+        return token_matched_random_rows(candidates, reference, supervised_tokens, seed,
+                                         allow_overlap)
     if random_match == "stratified":
-        return top, length_stratified_random_rows(candidates, top, supervised_tokens, seed,
-                                                  allow_overlap)
+        return length_stratified_random_rows(candidates, reference, supervised_tokens, seed,
+                                             allow_overlap)
     position = {row: i for i, row in enumerate(candidates)}
-    drawn = random_rows(len(candidates), k, seed, exclude=[position[r] for r in top],
+    drawn = random_rows(len(candidates), k, seed, exclude=[position[r] for r in reference],
                         allow_overlap=allow_overlap)
-    return top, [candidates[i] for i in drawn]
+    return [candidates[i] for i in drawn]
+
+
+# ---------------------------------------------------------------------------------------------
+# the verdict's arms
+
+
+def check_arms(arms, arm_scores: dict | None = None) -> list[str]:
+    """The arm names of --arms, each known (ARMS, or given its own scores) and given once."""
+    arm_scores = arm_scores or {}
+    arms = list(arms)
+    if not arms:
+        raise PipelineError("--arms: no arm named")
+    for arm in arms:
+        if arm not in ARMS and arm not in arm_scores:
+            raise PipelineError(f"--arms: unknown arm '{arm}' (known: {', '.join(ARMS)}; any "
+                                "other name needs --arm-scores NAME=PATH)")
+        if arm in SCORE_ARMS and arm not in arm_scores:
+            raise PipelineError(f"--arms {arm} needs its scores: --arm-scores {arm}=PATH")
+    twice = sorted({a for a in arms if arms.count(a) > 1})
+    if twice:
+        raise PipelineError(f"--arms names {twice[0]} twice")
+    return arms
+
+
+def _as_float(values, n: int, what: str):
+    """A float array of n entries, None as NaN."""
+    import numpy as np
+
+    values = np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
+    if values.shape != (n,):
+        raise PipelineError(f"{what} has {values.size} entries, the pool has {n} rows")
+    return values
+
+
+def _best(values, candidates: list[int], k: int, arm: str, what: str) -> list[int]:
+    """The k candidates with the highest finite value, ties to the lower position."""
+    import numpy as np
+
+    masked = np.full(len(values), np.nan)
+    masked[candidates] = values[candidates]
+    ranking = rank_rows(masked)
+    if k > len(ranking):
+        raise PipelineError(f"arm {arm}: k {k} is larger than the {len(ranking)} candidate rows "
+                            f"with {what} (rows with a finite attribution score)")
+    return sorted(ranking[:k])
+
+
+def select_arm(arm: str, k: int, scores, *, supervised_tokens, seed: int = 0, reward=None,
+               arm_scores: dict | None = None, allow_overlap: bool = False) -> list[int]:
+    """The k (random_tokens: as many as it takes) row positions of one arm, sorted.
+
+    scores: the attribution score of every pool row (NaN = unscored; those rows are never
+    chosen by any arm). supervised_tokens: every row's supervised tokens. reward: every row's
+    reward_model_score (None/NaN never chosen; only the reward arm needs it). arm_scores:
+    {arm name: that arm's score per pool row} for the score arms. seed: the random arms' draw."""
+    import numpy as np
+
+    check_arms([arm], arm_scores)
+    scores = _as_float(scores, len(scores), "scores")
+    n = len(scores)
+    tokens = _as_float(supervised_tokens, n, "supervised_tokens")
+    ranking = rank_rows(scores)
+    candidates = sorted(ranking)
+    if arm in (arm_scores or {}):
+        return _best(_as_float(arm_scores[arm], n, f"the scores of arm {arm}"), candidates, k,
+                     arm, f"a finite {arm} score")
+    if arm == "attribution":
+        return top_k_rows(ranking, k)
+    if arm == "attribution_bottom":
+        return _best(-scores, candidates, k, arm, "a finite score")
+    if arm == "longest":
+        return _best(tokens, candidates, k, arm, "supervised tokens")
+    if arm == "reward":
+        if reward is None:
+            raise PipelineError("arm reward needs the pool's reward_model_score column")
+        return _best(_as_float(reward, n, "reward_model_score"), candidates, k, arm,
+                     "a reward_model_score")
+    match = {"random": "rows", "random_stratified": "stratified", "random_tokens": "tokens"}[arm]
+    reference = top_k_rows(ranking, k)
+    return random_control(candidates, reference, k, seed, allow_overlap, match,
+                          np.asarray(supervised_tokens))
+
+
+def summarize_arms(selections: dict, scores, num_tokens, num_supervised,
+                   arm_scores: dict | None = None) -> dict:
+    """{arm: rows, tokens, supervised_tokens, mean_score (the attribution score, comparable
+    across arms), mean_own_score (a score arm's own column)} for score.py's summary.json; report.py
+    shows them next to the tokens each arm trained on."""
+    import numpy as np
+
+    scores = _as_float(scores, len(scores), "scores")
+    out = {}
+    for arm, rows in selections.items():
+        idx = np.asarray(rows, dtype=np.int64)
+        entry = {"rows": len(rows), "tokens": int(np.sum(np.asarray(num_tokens)[idx])),
+                 "supervised_tokens": int(np.sum(np.asarray(num_supervised)[idx])),
+                 "mean_score": float(np.mean(scores[idx])) if len(rows) else None}
+        if arm in (arm_scores or {}):
+            own = _as_float(arm_scores[arm], len(scores), f"the scores of arm {arm}")
+            entry["mean_own_score"] = float(np.mean(own[idx])) if len(rows) else None
+        out[arm] = entry
+    return out
+
+
+def read_arm_scores(name: str, path, row_ids: list):
+    """The scores of arm `name` for the pool rows row_ids, in their order: from a score.py folder
+    (its train_scores.jsonl, field score) or a JSONL file (train_bidir_classifier.py's
+    row_scores.jsonl: predicted_score, the out-of-fold prediction; else score). null = NaN. The
+    file must cover exactly the pool's rows: other rows mean scores from another run."""
+    import numpy as np
+
+    from pipeline import read_jsonl
+
+    path = Path(path)
+    file = path / "train_scores.jsonl" if path.is_dir() else path
+    what = f"--arm-scores {name}={path}:"
+    rows = read_jsonl(file, f"--arm-scores {name}")
+    if not rows:
+        raise PipelineError(f"{what} {file} has no rows")
+    field = "predicted_score" if "predicted_score" in rows[0] else "score"
+    by_id = {}
+    for line, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or "row_id" not in row or field not in row:
+            raise PipelineError(f"{what} {file} row {line} has no row_id or {field}")
+        value = row[field]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise PipelineError(f"{what} {file} row {line}: {field} must be a number or null, "
+                                f"got {value!r}")
+        if row["row_id"] in by_id:
+            raise PipelineError(f"{what} {file} lists row_id {row['row_id']!r} twice")
+        by_id[row["row_id"]] = np.nan if value is None else float(value)
+    missing = [r for r in row_ids if r not in by_id]
+    extra = set(by_id) - set(row_ids)
+    if missing or extra:
+        example = missing[0] if missing else sorted(map(str, extra))[0]
+        raise PipelineError(f"{what} {file} does not cover the pool's rows ({len(missing)} "
+                            f"missing, {len(extra)} not in the pool, e.g. {example!r}): scores "
+                            "of another split or run")
+    return np.asarray([by_id[r] for r in row_ids], dtype=np.float64)

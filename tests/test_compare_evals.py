@@ -129,3 +129,73 @@ def test_bad_input_is_one_error_line(tmp_path, case):
         result.stderr
     assert message in lines[0]
     assert not out.exists() and not list(tmp_path.glob(".*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# several seeds: the seed-level answer beside the pooled one, and the verdict's arm matrix
+# (the coverage of the seed-level interval is simulated in tests/test_verdict.py)
+
+
+def test_pooled_output_carries_the_seed_level_answer(tmp_path):
+    import compare_evals
+
+    for seed, (nll_a, tokens) in {"seed_1": (1.0, 2), "seed_2": (9.0, 6),
+                                  "seed_3": (4.0, 2)}.items():
+        write(tmp_path / seed / "top.jsonl", [row("r", tokens, nll_a), row("s", 2, 2.0)])
+        write(tmp_path / seed / "random.jsonl", [row("r", tokens, 3.0), row("s", 2, 2.0)])
+    out = tmp_path / "pooled.json"
+    compare_evals.main(["--a", str(tmp_path / "seed_*" / "top.jsonl"),
+                        "--b", str(tmp_path / "seed_*" / "random.jsonl"),
+                        "--output-json", str(out), "--bootstrap", "200"])
+    level = json.loads(out.read_text())["seed_level"]
+    # per seed: (1 - 3) / 4, (9 - 3) / 8, (4 - 3) / 4
+    assert level["token_weighted"]["per_seed_deltas"] == pytest.approx([-0.5, 0.75, 0.25])
+    assert level["token_weighted"]["mean_delta"] == pytest.approx(0.5 / 3)
+    assert level["token_weighted"]["seeds_a_better"] == 1 and level["seeds"] == 3
+    assert level["labels"] == ["seed_1", "seed_2", "seed_3"]
+    assert "t-interval over the seeds" in level["interval"]
+    # the same row ids, but seed_2's row r has other tokens: not one eval split, so per seed
+    assert "two-level" in level["bootstrap"] and "per seed row draw" in level["bootstrap"]
+    low, high = level["token_weighted"]["ci95_t"]
+    assert low < 0 < high
+
+
+def test_arm_matrix_every_arm_against_every_baseline(tmp_path):
+    import compare_evals
+
+    # arm x seed: the per-token loss shift of every eval row (2 rows of 4 tokens, base 2.0)
+    shifts = {"top": [-0.2, -0.1], "random": [0.0, 0.0], "longest": [0.1, 0.3]}
+    for arm, per_seed in shifts.items():
+        for seed, shift in zip(("seed_1", "seed_2"), per_seed):
+            write(tmp_path / seed / f"eval_{arm}.jsonl",
+                  [row(r, 4, 4 * (2.0 + shift)) for r in ("x", "y")])
+    out = tmp_path / "matrix.json"
+    compare_evals.main(["--label", "scratch", "--baselines", "random", "longest",
+                        "--output-json", str(out), "--bootstrap", "100"]
+                       + [f"--arm={arm}={tmp_path}/seed_*/eval_{arm}.jsonl" for arm in shifts])
+    result = json.loads(out.read_text())
+    assert result["kind"] == "arm_comparisons" and result["label"] == "scratch"
+    comparisons = result["comparisons"]
+    assert {a: sorted(v) for a, v in comparisons.items()} == {
+        "top": ["longest", "random"], "random": ["longest"], "longest": ["random"]}
+    top = comparisons["top"]["random"]["token_weighted"]
+    assert top["per_seed_deltas"] == pytest.approx([-0.2, -0.1])
+    assert top["mean_delta"] == pytest.approx(-0.15) and top["seeds_a_better"] == 2
+    assert comparisons["top"]["longest"]["token_weighted"]["mean_delta"] == pytest.approx(-0.35)
+    assert comparisons["longest"]["random"]["token_weighted"]["seeds_a_better"] == 0
+    assert list(result["arms"]["top"]) == ["seed_1", "seed_2"]
+
+    base = ["--baselines", "random", "--bootstrap", "10"]
+    with pytest.raises(compare_evals.PipelineError, match="--baselines reward is not one of"):
+        compare_evals.main(["--baselines", "reward", f"--arm=top={tmp_path}/seed_*/eval_top.jsonl"])
+    write(tmp_path / "seed_3" / "eval_top.jsonl", [row("x", 4, 8.0), row("y", 4, 8.0)])
+    with pytest.raises(compare_evals.PipelineError,
+                       match="--arm random has no file in a folder named seed_3"):
+        compare_evals.main(base + [f"--arm=top={tmp_path}/seed_*/eval_top.jsonl",
+                                   f"--arm=random={tmp_path}/seed_*/eval_random.jsonl"])
+    with pytest.raises(compare_evals.PipelineError, match="--arm top is given twice"):
+        compare_evals.main(base + ["--arm=top=a", "--arm=top=b", "--arm=random=c"])
+    with pytest.raises(compare_evals.PipelineError, match="replace --a/--b"):
+        compare_evals.main(base + ["--a", "x", "--b", "y", "--arm=top=a"])
+    with pytest.raises(compare_evals.PipelineError, match="--arm and --baselines go together"):
+        compare_evals.main(["--arm=top=a"])

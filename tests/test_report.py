@@ -192,6 +192,11 @@ def test_report_end_to_end(fabricated_run):
     assert set(smol["pooled"]["per_category"]) == {"math", "coding"}
     assert "sae_predictor" not in report["smoltalk"]  # no eval_sae_* files
     assert smol["pooled"]["source"] == str(fabricated_run / "compare_top_vs_random.json")
+    # compare_evals.py's seeds-as-unit answer: the mean of the two seeds' deltas (-0.1, +0.1)
+    level = smol["pooled"]["seed_level"]["token_weighted"]
+    assert level["per_seed_deltas"] == pytest.approx([-0.1, 0.1])
+    assert level["mean_delta"] == pytest.approx(0.0, abs=1e-12) and level["ci95_t"][0] < 0
+    assert report["verdict"] == {}
     losses = report["eval_loss"]
     assert losses["seed_1"]["base_model"] == 2.0 and losses["seed_2"]["base_adapter"] == 3.5
     assert losses["seed_1"]["top_k"] == pytest.approx(0.9)
@@ -234,7 +239,8 @@ def test_report_end_to_end(fabricated_run):
     md = (out / "report.md").read_text()
     for text in ("## SmolTalk", "token-weighted delta [95% CI]", "| seed_1 |", "| pooled |",
                  "Per-category", "| base model | base adapter | top-k | random-k |", "## Taboo", "3/4 = 0.7500", "top vs random", "pooled (2 seed(s))",
-                 "## Attribution diagnostics", "Jaccard", "## Planted signal", "0.8000"):
+                 "## Attribution diagnostics", "Jaccard", "## Planted signal", "0.8000",
+                 "Seeds as the unit (compare_evals.py seed_level)"):
         assert text in md, text
     pngs = ["smoltalk_deltas.png", "taboo_success.png", "scores_seed_1.png", "scores_seed_2.png",
             "sae_scatter_seed_1.png", "sae_scatter_seed_2.png"]
