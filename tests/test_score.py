@@ -1,5 +1,8 @@
 """score.py and rank_windows.py on the tiny model: bergson's scores against brute-force autograd,
-the token ids bergson sees against finetune.py's, subsets, determinism and bad input."""
+the token ids bergson sees against finetune.py's, subsets, determinism and bad input. These runs
+pass TODAY, the pre-2026-12 score (summed loss, inner product, mean-eigenvalue damping), so their
+brute-force checks stay the plain formulas; tests/test_score_formulas.py checks every
+normalisation against autograd."""
 
 import json
 
@@ -7,10 +10,13 @@ import numpy as np
 import pytest
 
 from conftest import run_script
+from pipeline import split_fingerprint
 
 MAX_LEN = 256
 SCORE_ARGS = ("--max-length", MAX_LEN, "--token-batch-size", 512, "--projection-dim", 0,
               "--subset-k", 8, "--precision", "fp32")
+TODAY = ("--score-normalization", "none", "--loss-reduction", "sum", "--damping-rule", "mean_eig",
+         "--preconditioning-mode", "none")
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +37,7 @@ def scored_run(tmp_path_factory, tiny_model, chat_jsonl):
                                     "--damping", 0.3)}.items():
         run_script("score.py", "--manifest", run_dir / "manifest.json",
                    "--adapter-path", run_dir / "base_adapter", "--output-dir", run_dir / name,
-                   *SCORE_ARGS, *extra)
+                   *SCORE_ARGS, *TODAY, *extra)
         runs[name] = run_dir / name
     return run_dir, runs
 
@@ -46,9 +52,9 @@ def split_rows(run_dir, name, manifest="manifest.json"):
     return load_split(load_manifest(run_dir / manifest), name)
 
 
-def lora_gradients(run_dir, split_name):
-    """Per-row gradient of the summed completion NLL w.r.t. each LoRA weight, by plain autograd
-    on finetune.py's tokenization: {module name: [rows, numel]}."""
+def lora_gradients(run_dir, split_name, reduction="sum"):
+    """Per-row gradient of the summed (or mean) completion NLL w.r.t. each LoRA weight, by plain
+    autograd on finetune.py's tokenization: {module name: [rows, numel]}."""
     import torch
 
     from pipeline import (base_model_of_adapter, load_model_with_adapter, load_tokenizer,
@@ -67,7 +73,7 @@ def lora_gradients(run_dir, split_name):
         labels = torch.tensor([row["labels"]])
         logits = model(input_ids=ids).logits[:, :-1].float()
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(),
-                                                 ignore_index=-100, reduction="sum")
+                                                 ignore_index=-100, reduction=reduction)
         model.zero_grad()
         loss.backward()
         for n, p in params.items():
@@ -119,7 +125,13 @@ def test_query_preconditioning_matches_documented_formula(scored_run, brute_forc
     assert summary["preconditioning_mode"] == "query" and summary["damping"] == damping
 
 
-def test_bergson_sees_exactly_finetune_token_ids(scored_run):
+@pytest.mark.parametrize("name", ["mean", "nearest", "precond"])
+def test_bergson_sees_exactly_finetune_token_ids(scored_run, name):
+    run_dir, runs = scored_run
+    assert_bergson_sees_finetune_ids(run_dir, runs[name])
+
+
+def assert_bergson_sees_finetune_ids(run_dir, out):
     """Load the scored data the way bergson's own pipeline does and compare with the ids
     finetune.py builds for training."""
     from bergson.config.config import DataConfig, IndexConfig
@@ -128,8 +140,6 @@ def test_bergson_sees_exactly_finetune_token_ids(scored_run):
     from finetune import parse_args
     from pipeline import base_model_of_adapter, load_tokenizer, tokenize_split
 
-    run_dir, runs = scored_run
-    out = runs["mean"]
     cfg = IndexConfig(run_path=str(out / "probe"), model=str(run_dir / "base_adapter"),
                       data=DataConfig(dataset=str(out / "bergson_data" / "train")),
                       token_batch_size=512)
@@ -149,7 +159,7 @@ def test_chat_template_mode_scores_different_ids(scored_run):
     out = run_dir / "chat"
     result = run_script("score.py", "--manifest", run_dir / "manifest.json",
                         "--adapter-path", run_dir / "base_adapter", "--output-dir", out,
-                        "--tokenization-mode", "chat_template", *SCORE_ARGS)
+                        "--tokenization-mode", "chat_template", *SCORE_ARGS, *TODAY)
     assert "chat_template mode" in result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tokenization_mode"] == "chat_template"
@@ -167,6 +177,12 @@ def test_outputs_rank_subsets_and_manifest(scored_run):
     assert summary["n_total"] == 40 and summary["finite_coverage"] == 1.0
     assert summary["projection_dim"] == 0 and summary["tokenization_mode"] == "finetune_raw"
     assert summary["provenance"]["argv"][0] == "score.py" and summary["bergson_version"]
+    assert summary["train_split"] == "score_pool"  # the default: the manifest's score_pool
+    assert (summary["score_normalization"], summary["loss_reduction"], summary["damping_rule"],
+            summary["preconditioning_mode"]) == ("none", "sum", "mean_eig", "none")
+    assert summary["train_fingerprint"] == split_fingerprint(split_rows(run_dir, "train_base"))
+    assert not (out / "bergson").exists()  # the gradient indices go unless --keep-gradients
+    assert (out / "bergson_data" / "train").is_dir()
     ranked = sorted(rows, key=lambda r: r["rank"])
     assert [r["rank"] for r in ranked] == list(range(1, 41))
     assert all(a["score"] >= b["score"] for a, b in zip(ranked, ranked[1:]))
@@ -238,7 +254,7 @@ def test_continuation_manifest_trains_and_evaluates(scored_run):
 
 
 @pytest.mark.parametrize("change, message", [
-    (("--subset-k", 41), "larger than split 'train_base'"),
+    (("--subset-k", 41), "larger than split 'score_pool'"),
     (("--train-split", "nope"), "has no split 'nope'"),
     (("--adapter-path", "MISSING"), "does not exist"),
     (("--max-length", 600), "exceeds --token-batch-size"),
@@ -299,7 +315,11 @@ def test_help_documents_every_mode():
                  "--preconditioning-mode", "--projection-dim", "--tokenization-mode",
                  "finetune_raw", "chat_template", "--subset-k", "--train-split", "--query-split",
                  "--seed", "--allow-overlap", "--max-length", "--precision",
-                 "--token-batch-size", "(H_m + d * mean(eig(H_m)) * I)^-1"]:
+                 "--token-batch-size", "--score-normalization", "--damping-rule",
+                 "mean_abs_entry", "mean_eig", "--mixing-coefficient", "--scores-only",
+                 "--gradients-from", "--keep-gradients", "cos( g_i , P qbar )",
+                 "qbar = mean_j ( q_j / ||q_j|| )", "max_j cos( R g_i , R q_j )",
+                 "favours long rows", "favours short rows", "removes the gradient norm"]:
         assert flag in out, flag
 
 
@@ -346,5 +366,38 @@ def test_scores_from_redraws_only_the_subsets(scored_run, tmp_path):
     result = run_script("score.py", "--manifest", run_dir / "manifest.json", "--scores-from",
                         runs["mean"], "--train-split", "eval", "--subset-k", 4,
                         "--output-dir", tmp_path / "bad", expect_ok=False)
-    assert result.returncode == 2 and "scored split 'train_base'" in result.stderr
+    assert result.returncode == 2 and "scored split 'score_pool'" in result.stderr
     assert not (tmp_path / "bad").exists()
+    # the same row ids with other content (a corrupted twin) are refused too
+    twin = corrupted_twin(run_dir, tmp_path / "twin")
+    result = run_script("score.py", "--manifest", twin, "--scores-from", runs["mean"],
+                        "--subset-k", 8, "--output-dir", tmp_path / "twin_out", expect_ok=False)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert str(runs["mean"]) in result.stderr and str(tmp_path / "twin_out") in result.stderr
+    assert "train_fingerprint" in result.stderr and not (tmp_path / "twin_out").exists()
+
+
+def corrupted_twin(run_dir, out):
+    """A manifest whose score_pool has the same row ids as run_dir's and one other completion."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    pool = split_rows(run_dir, "score_pool")
+    twin = pool.map(lambda row, i: {"completion": row["completion"] + (" (changed)" if i == 0
+                                                                        else "")},
+                    with_indices=True)
+    twin.save_to_disk(str(out / "score_pool"))
+    for name, entry in manifest["splits"].items():
+        entry["path"] = str(out / "score_pool") if name == "score_pool" else str(
+            (run_dir / entry["path"]).resolve())
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert twin["row_id"] == pool["row_id"]
+    return out / "manifest.json"
+
+
+def test_split_fingerprint_sees_content_and_order(scored_run, tmp_path):
+    run_dir, _ = scored_run
+    pool = split_rows(run_dir, "score_pool")
+    assert split_fingerprint(pool) == split_fingerprint(split_rows(run_dir, "train_base"))
+    assert split_fingerprint(pool).startswith("sha256:")
+    changed = split_rows(tmp_path, "score_pool", corrupted_twin(run_dir, tmp_path).name)
+    assert split_fingerprint(changed) != split_fingerprint(pool)
+    assert split_fingerprint(pool.select(range(len(pool))[::-1])) != split_fingerprint(pool)
