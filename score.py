@@ -1,4 +1,4 @@
-"""Attribution: rank every training row by how well its LoRA gradient agrees with the query set's,
+r"""Attribution: rank every training row by how well its LoRA gradient agrees with the query set's,
 through bergson 2.5.1, then write the top-k and a size-matched random subset as a continuation
 manifest that finetune.py and eval_loss.py take like the main manifest.
 
@@ -481,86 +481,97 @@ def damped_power(h, power: float, rule: str, damping: float):
     raise ValueError(f"unknown damping rule {rule!r}")
 
 
+def fitted_preconditioner(q: dict, train, columns: dict, *, normalization: str,
+                          preconditioning: str, mixing_coefficient: float, damping_rule: str,
+                          damping: float, device, chunk_rows: int):
+    """bergson's DensePreconditioner holding, per module, (H + lam I)^-1/2 for the bergson
+    normalisation (it goes on both sides) or (H + lam I)^-1 for none and seed (query side only);
+    None without preconditioning. Also the Hessians and what the fit used, for the summary."""
+    import numpy as np
+    from bergson.hessians.preconditioner import DensePreconditioner
+
+    if preconditioning == "none":
+        return None, None, {}
+    hessians, info = second_moments(q), {}
+    if preconditioning == "mixed":
+        pool, info["n_pool_rows_in_hessian"] = pool_second_moments(train, columns, device,
+                                                                   chunk_rows)
+        c = mixing_coefficient
+        hessians = {m: c * hessians[m] + (1 - c) * pool[m] for m in hessians}
+    power = -0.5 if normalization == "bergson" else -1.0
+    matrices, lams = {}, []
+    for m, h in hessians.items():
+        matrices[m], lam = damped_power(h, power, damping_rule, damping)
+        lams.append(lam)
+    info["damping_used"] = {"modules": len(lams), "min": min(lams),
+                            "median": float(np.median(lams)), "max": max(lams)}
+    return DensePreconditioner(matrices), hessians, info
+
+
+def query_side(q: dict, precondition, normalization: str, mean: bool):
+    """The query gradients as the Scorer takes them (one aggregated row for --score-mode mean,
+    one row per query for nearest), and the transform the train gradients get (bergson only)."""
+    import torch
+    from bergson.process_grads import normalize_and_aggregate_grads
+
+    def prepared(grads, unit_normalize: bool, aggregate: str):
+        # unit_normalize divides each row by its norm over all modules together
+        return normalize_and_aggregate_grads(grads, list(q), unit_normalize=unit_normalize,
+                                             device=next(iter(q.values())).device,
+                                             aggregate_grads=aggregate, dtype=torch.float32)
+
+    apply = precondition.apply if precondition else (lambda grads: grads)
+    aggregate = "mean" if mean else "none"
+    if normalization == "none":
+        # P mean_j q_j, which P's linearity makes bergson's mean-aggregated query, preconditioned
+        return prepared(apply(q), False, aggregate), None
+    if normalization == "seed":
+        if mean:  # qbar = mean_j q_j/||q_j||, then P, then re-normalised
+            return prepared(apply(prepared(q, True, "mean")), True, "none"), None
+        return prepared(apply(q), True, "none"), None  # every P q_j normalised
+    if normalization == "bergson":
+        # bergson's create_scorer with unit_normalize and a Hessian: R q_j, each normalised,
+        # then aggregated; R applied again to each train gradient as it streams in
+        return prepared(apply(q), True, aggregate), precondition.apply if precondition else None
+    raise ValueError(f"unknown normalization {normalization!r}")
+
+
 def attribution_scores(query, train, grad_sizes: dict, *, normalization: str, score_mode: str,
                        preconditioning: str, mixing_coefficient: float = 0.99,
                        damping_rule: str = "mean_abs_entry", damping: float = 0.1,
                        device="cpu", chunk_rows: int | None = None):
     """One score per train row (formulas in the module docstring) from per-row gradients laid
     out as bergson's index ([rows, D], modules in grad_sizes order): query [N_query, D], train
-    [N_train, D] (a memmap is read chunk by chunk). Returns (scores as float64 with NaN where the
-    train gradient is unusable, info dict with the Hessian's rows and the damping per module).
+    [N_train, D] (a memmap is read chunk by chunk, so memory stays bounded). Returns (scores as
+    float64, NaN where the train gradient is unusable; info: query rows used, the Hessians, the
+    damping per module).
 
-    The query side is composed here from bergson 2.5.1's parts (its damped inverse, its per-row
+    The query side is composed from bergson 2.5.1's parts (its damped inverse, its per-row
     normalisation and aggregation, its dense preconditioner); the train side runs through
     bergson's Scorer, which takes the inner products and, when normalising, divides by each
     train gradient's norm after its index_transform, so `bergson` is bergson's own score."""
     import numpy as np
     import torch
     from bergson.data import column_offsets
-    from bergson.hessians.preconditioner import DensePreconditioner
-    from bergson.process_grads import normalize_and_aggregate_grads
     from bergson.score.score_writer import InMemorySequenceScoreWriter
     from bergson.score.scorer import Scorer
 
     device = torch.device(device)
     columns = column_offsets(grad_sizes)
-    modules = list(grad_sizes)
     chunk_rows = chunk_rows or max(1, CHUNK_VALUES // max(1, train.shape[1]))
     q, q_usable = module_view(query, columns, device)
     q = {m: g[q_usable] for m, g in q.items()}
-    info = {"n_query_used": int(q_usable.sum())}
-    if info["n_query_used"] == 0:
+    if not q_usable.any():
         raise PipelineError("no query row has a usable gradient (all zero or non-finite)")
-
-    precondition = None
-    if preconditioning != "none":
-        hessians = second_moments(q)
-        if preconditioning == "mixed":
-            pool, info["n_pool_rows_in_hessian"] = pool_second_moments(train, columns, device,
-                                                                       chunk_rows)
-            c = mixing_coefficient
-            hessians = {m: c * hessians[m] + (1 - c) * pool[m] for m in modules}
-        # bergson: R = (H + lam I)^-1/2 on both sides; none and seed: P = (H + lam I)^-1 on the
-        # query side only
-        power = -0.5 if normalization == "bergson" else -1.0
-        matrices, lams = {}, []
-        for m in modules:
-            matrices[m], lam = damped_power(hessians[m], power, damping_rule, damping)
-            lams.append(lam)
-        precondition = DensePreconditioner(matrices)
-        info["hessians"] = hessians
-        info["damping_used"] = {"modules": len(lams), "min": min(lams),
-                                "median": float(np.median(lams)), "max": max(lams)}
-
-    def prepared(grads, unit_normalize: bool, aggregate: str):
-        return normalize_and_aggregate_grads(grads, modules, unit_normalize=unit_normalize,
-                                             device=device, aggregate_grads=aggregate,
-                                             dtype=torch.float32)
-
+    precondition, hessians, info = fitted_preconditioner(
+        q, train, columns, normalization=normalization, preconditioning=preconditioning,
+        mixing_coefficient=mixing_coefficient, damping_rule=damping_rule, damping=damping,
+        device=device, chunk_rows=chunk_rows)
     mean = score_mode == "mean"
-    transform = None
-    if normalization == "none":
-        # P mean_j q_j (P is linear: the same as bergson's mean-aggregated query, preconditioned)
-        query_side = prepared(precondition.apply(q) if precondition else q, False,
-                              "mean" if mean else "none")
-    elif normalization == "seed":
-        if mean:  # qbar = mean_j q_j/||q_j||, then P, then re-normalised
-            query_side = prepared(q, True, "mean")
-            query_side = prepared(precondition.apply(query_side) if precondition else query_side,
-                                  True, "none")
-        else:  # every P q_j normalised
-            query_side = prepared(precondition.apply(q) if precondition else q, True, "none")
-    elif normalization == "bergson":
-        # bergson's create_scorer with unit_normalize and a Hessian: R q_j, each normalised,
-        # then aggregated; R applied again to each train gradient as it streams in
-        query_side = prepared(precondition.apply(q) if precondition else q, True,
-                              "mean" if mean else "none")
-        transform = precondition.apply if precondition else None
-    else:
-        raise ValueError(f"unknown normalization {normalization!r}")
+    queries, transform = query_side(q, precondition, normalization, mean)
 
     writer = InMemorySequenceScoreWriter(len(train), 1, dtype=torch.float32)
-    scorer = Scorer(query_grads=query_side, modules=modules, writer=writer, device=device,
+    scorer = Scorer(query_grads=queries, modules=list(grad_sizes), writer=writer, device=device,
                     dtype=torch.float32, unit_normalize=normalization != "none",
                     score_mode="individual" if mean else "nearest", index_transform=transform)
     usable_rows = np.zeros(len(train), dtype=bool)
@@ -569,7 +580,7 @@ def attribution_scores(query, train, grad_sizes: dict, *, normalization: str, sc
         usable_rows[start:start + len(usable)] = usable.cpu().numpy()
     scores = writer.scores[:, 0].double().numpy()
     scores[~usable_rows] = np.nan
-    return scores, info
+    return scores, {"n_query_used": int(q_usable.sum()), "hessians": hessians, **info}
 
 
 def scores_step(args, paths: dict, tokens: dict, n_train: int) -> tuple:
@@ -695,11 +706,11 @@ def length_diagnostics(scores, num_tokens, num_supervised, split, k: int) -> dic
                 "mean_score": float(scores[finite][categories[finite] == c].mean())}
             for c in sorted(set(categories[finite]))}
     top = rank_rows(scores)[:k]
-    pool_mean = float(np.mean(num_supervised[finite])) if finite.any() else float("nan")
+    expected = float(np.mean(num_supervised[finite])) * len(top) if top else None
     top_tokens = int(np.sum(num_supervised[top]))
     out["top_k_supervised_tokens"] = {
-        "k": len(top), "top_k": top_tokens, "pool_mean_x_k": pool_mean * len(top),
-        "ratio": top_tokens / (pool_mean * len(top)) if top and pool_mean > 0 else None}
+        "k": len(top), "top_k": top_tokens, "pool_mean_x_k": expected,
+        "ratio": top_tokens / expected if expected else None}
     return out
 
 
@@ -776,10 +787,14 @@ def redraw_subsets(args, manifest, train_split, output_dir: Path) -> None:
         raise PipelineError(f"--scores-from {source}/train_scores.jsonl does not hold the rows of "
                             f"split '{args.train_split}' of {args.manifest} in order")
     fingerprint = split_fingerprint(train_split)
-    if source_summary.get("train_fingerprint") != fingerprint:
+    if "train_fingerprint" not in source_summary:
+        raise PipelineError(f"--scores-from {source}/summary.json records no train_fingerprint "
+                            f"(an older score.py wrote it), so its content cannot be checked "
+                            f"against split '{args.train_split}': score again into {output_dir}")
+    if source_summary["train_fingerprint"] != fingerprint:
         raise PipelineError(f"--scores-from {source} scored other content than split "
                             f"'{args.train_split}' of {args.manifest} (same row ids, "
-                            f"train_fingerprint {source_summary.get('train_fingerprint')} vs "
+                            f"train_fingerprint {source_summary['train_fingerprint']} vs "
                             f"{fingerprint}): score this split into {output_dir} instead")
     scores = np.array([np.nan if r["score"] is None else r["score"] for r in rows])
     num_tokens = np.array([r["num_tokens"] for r in rows])

@@ -19,16 +19,22 @@ TODAY = ("--score-normalization", "none", "--loss-reduction", "sum", "--damping-
          "--preconditioning-mode", "none")
 
 
-@pytest.fixture(scope="module")
-def scored_run(tmp_path_factory, tiny_model, chat_jsonl):
-    run_dir = tmp_path_factory.mktemp("score") / "run"
+def trained_run(run_dir, tiny_model, chat_jsonl, sizes=(40, 12, 12), seed=3, epochs=2):
+    """dataset.py splits (train, query, eval sizes) and a LoRA adapter trained on them."""
+    train, query, evaluation = sizes
     run_script("dataset.py", "--run-dir", run_dir, "--dataset-name", chat_jsonl,
-               "--group-column", "instruction_id", "--train-size", 40, "--query-size", 12,
-               "--eval-size", 12, "--seed", 3)
+               "--group-column", "instruction_id", "--train-size", train, "--query-size", query,
+               "--eval-size", evaluation, "--seed", seed)
     run_script("finetune.py", "train", "--manifest", run_dir / "manifest.json",
                "--base-model", tiny_model, "--output-dir", run_dir / "base_adapter",
-               "--epochs", 2, "--batch-size", 8, "--learning-rate", 3e-3, "--lora-rank", 4,
+               "--epochs", epochs, "--batch-size", 8, "--learning-rate", 3e-3, "--lora-rank", 4,
                "--max-length", MAX_LEN)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory, tiny_model, chat_jsonl):
+    run_dir = trained_run(tmp_path_factory.mktemp("score") / "run", tiny_model, chat_jsonl)
     runs = {}
     for name, extra in {"mean": ("--score-mode", "mean"),
                         "mean_again": ("--score-mode", "mean"),

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from conftest import run_script
-from test_score import assert_bergson_sees_finetune_ids, lora_gradients
+from test_score import MAX_LEN, assert_bergson_sees_finetune_ids, lora_gradients, trained_run
 
-MAX_LEN = 256
 COMMON = ("--max-length", MAX_LEN, "--token-batch-size", 512, "--projection-dim", 0,
           "--subset-k", 6, "--precision", "fp32")
 # the second bergson run: every non-default choice at once
@@ -26,18 +25,22 @@ COMBOS = [(loss, norm, mode, pre, rule)
           for rule in (("mean_abs_entry",) if pre == "none" else ("mean_abs_entry", "mean_eig"))]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The formulas run on tiny matrices in this process: a second thread only adds spin-waits
+    (10x slower on a shared 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model, chat_jsonl):
     """One bergson pass per loss reduction, gradients kept: the default (seed) run with the mean
     loss and SUM_RUN with the summed loss."""
-    run_dir = tmp_path_factory.mktemp("formulas") / "run"
-    run_script("dataset.py", "--run-dir", run_dir, "--dataset-name", chat_jsonl,
-               "--group-column", "instruction_id", "--train-size", 24, "--query-size", 8,
-               "--eval-size", 8, "--seed", 5)
-    run_script("finetune.py", "train", "--manifest", run_dir / "manifest.json",
-               "--base-model", tiny_model, "--output-dir", run_dir / "base_adapter",
-               "--epochs", 1, "--batch-size", 8, "--learning-rate", 3e-3, "--lora-rank", 4,
-               "--max-length", MAX_LEN, "--eval-split", "none")
+    run_dir = trained_run(tmp_path_factory.mktemp("formulas") / "run", tiny_model, chat_jsonl,
+                          sizes=(24, 8, 8), seed=5, epochs=1)
     common = ["--manifest", run_dir / "manifest.json", "--adapter-path",
               run_dir / "base_adapter", *COMMON, "--keep-gradients"]
     run_script("score.py", *common, "--output-dir", run_dir / "mean")
