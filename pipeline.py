@@ -602,3 +602,17 @@ def write_selection_manifest(parent: dict, output_path: str | Path, subsets: dic
                                               manifest=parent["_path"])})
     write_json_atomic(output_path, manifest)
     return output_path
+
+
+def split_fingerprint(dataset) -> str:
+    """sha256 over row_id, prompt and completion of every row, in order: two splits with the same
+    ids but other text (a clean pool and its corrupted twin) get different fingerprints."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    rows = dataset.select_columns(["row_id", "prompt", "completion"])
+    for batch in rows.iter(batch_size=1024):
+        for row in zip(batch["row_id"], batch["prompt"], batch["completion"]):
+            # one JSON array per row, keys sorted: unambiguous and independent of dict order
+            digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+    return "sha256:" + digest.hexdigest()

@@ -1,5 +1,8 @@
 """score.py and rank_windows.py on the tiny model: bergson's scores against brute-force autograd,
-the token ids bergson sees against finetune.py's, subsets, determinism and bad input."""
+the token ids bergson sees against finetune.py's, subsets, determinism and bad input. These runs
+pass TODAY, the pre-2026-12 score (summed loss, inner product, mean-eigenvalue damping), so their
+brute-force checks stay the plain formulas; tests/test_score_formulas.py checks every
+normalisation against autograd."""
 
 import json
 
@@ -7,22 +10,31 @@ import numpy as np
 import pytest
 
 from conftest import run_script
+from pipeline import split_fingerprint
 
 MAX_LEN = 256
 SCORE_ARGS = ("--max-length", MAX_LEN, "--token-batch-size", 512, "--projection-dim", 0,
               "--subset-k", 8, "--precision", "fp32")
+TODAY = ("--score-normalization", "none", "--loss-reduction", "sum", "--damping-rule", "mean_eig",
+         "--preconditioning-mode", "none")
+
+
+def trained_run(run_dir, tiny_model, chat_jsonl, sizes=(40, 12, 12), seed=3, epochs=2):
+    """dataset.py splits (train, query, eval sizes) and a LoRA adapter trained on them."""
+    train, query, evaluation = sizes
+    run_script("dataset.py", "--run-dir", run_dir, "--dataset-name", chat_jsonl,
+               "--group-column", "instruction_id", "--train-size", train, "--query-size", query,
+               "--eval-size", evaluation, "--seed", seed)
+    run_script("finetune.py", "train", "--manifest", run_dir / "manifest.json",
+               "--base-model", tiny_model, "--output-dir", run_dir / "base_adapter",
+               "--epochs", epochs, "--batch-size", 8, "--learning-rate", 3e-3, "--lora-rank", 4,
+               "--max-length", MAX_LEN)
+    return run_dir
 
 
 @pytest.fixture(scope="module")
 def scored_run(tmp_path_factory, tiny_model, chat_jsonl):
-    run_dir = tmp_path_factory.mktemp("score") / "run"
-    run_script("dataset.py", "--run-dir", run_dir, "--dataset-name", chat_jsonl,
-               "--group-column", "instruction_id", "--train-size", 40, "--query-size", 12,
-               "--eval-size", 12, "--seed", 3)
-    run_script("finetune.py", "train", "--manifest", run_dir / "manifest.json",
-               "--base-model", tiny_model, "--output-dir", run_dir / "base_adapter",
-               "--epochs", 2, "--batch-size", 8, "--learning-rate", 3e-3, "--lora-rank", 4,
-               "--max-length", MAX_LEN)
+    run_dir = trained_run(tmp_path_factory.mktemp("score") / "run", tiny_model, chat_jsonl)
     runs = {}
     for name, extra in {"mean": ("--score-mode", "mean"),
                         "mean_again": ("--score-mode", "mean"),
@@ -31,7 +43,7 @@ def scored_run(tmp_path_factory, tiny_model, chat_jsonl):
                                     "--damping", 0.3)}.items():
         run_script("score.py", "--manifest", run_dir / "manifest.json",
                    "--adapter-path", run_dir / "base_adapter", "--output-dir", run_dir / name,
-                   *SCORE_ARGS, *extra)
+                   *SCORE_ARGS, *TODAY, *extra)
         runs[name] = run_dir / name
     return run_dir, runs
 
@@ -46,9 +58,9 @@ def split_rows(run_dir, name, manifest="manifest.json"):
     return load_split(load_manifest(run_dir / manifest), name)
 
 
-def lora_gradients(run_dir, split_name):
-    """Per-row gradient of the summed completion NLL w.r.t. each LoRA weight, by plain autograd
-    on finetune.py's tokenization: {module name: [rows, numel]}."""
+def lora_gradients(run_dir, split_name, reduction="sum"):
+    """Per-row gradient of the summed (or mean) completion NLL w.r.t. each LoRA weight, by plain
+    autograd on finetune.py's tokenization: {module name: [rows, numel]}."""
     import torch
 
     from pipeline import (base_model_of_adapter, load_model_with_adapter, load_tokenizer,
@@ -67,7 +79,7 @@ def lora_gradients(run_dir, split_name):
         labels = torch.tensor([row["labels"]])
         logits = model(input_ids=ids).logits[:, :-1].float()
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(),
-                                                 ignore_index=-100, reduction="sum")
+                                                 ignore_index=-100, reduction=reduction)
         model.zero_grad()
         loss.backward()
         for n, p in params.items():
@@ -119,7 +131,13 @@ def test_query_preconditioning_matches_documented_formula(scored_run, brute_forc
     assert summary["preconditioning_mode"] == "query" and summary["damping"] == damping
 
 
-def test_bergson_sees_exactly_finetune_token_ids(scored_run):
+@pytest.mark.parametrize("name", ["mean", "nearest", "precond"])
+def test_bergson_sees_exactly_finetune_token_ids(scored_run, name):
+    run_dir, runs = scored_run
+    assert_bergson_sees_finetune_ids(run_dir, runs[name])
+
+
+def assert_bergson_sees_finetune_ids(run_dir, out):
     """Load the scored data the way bergson's own pipeline does and compare with the ids
     finetune.py builds for training."""
     from bergson.config.config import DataConfig, IndexConfig
@@ -128,8 +146,6 @@ def test_bergson_sees_exactly_finetune_token_ids(scored_run):
     from finetune import parse_args
     from pipeline import base_model_of_adapter, load_tokenizer, tokenize_split
 
-    run_dir, runs = scored_run
-    out = runs["mean"]
     cfg = IndexConfig(run_path=str(out / "probe"), model=str(run_dir / "base_adapter"),
                       data=DataConfig(dataset=str(out / "bergson_data" / "train")),
                       token_batch_size=512)
@@ -149,7 +165,7 @@ def test_chat_template_mode_scores_different_ids(scored_run):
     out = run_dir / "chat"
     result = run_script("score.py", "--manifest", run_dir / "manifest.json",
                         "--adapter-path", run_dir / "base_adapter", "--output-dir", out,
-                        "--tokenization-mode", "chat_template", *SCORE_ARGS)
+                        "--tokenization-mode", "chat_template", *SCORE_ARGS, *TODAY)
     assert "chat_template mode" in result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tokenization_mode"] == "chat_template"
@@ -167,6 +183,12 @@ def test_outputs_rank_subsets_and_manifest(scored_run):
     assert summary["n_total"] == 40 and summary["finite_coverage"] == 1.0
     assert summary["projection_dim"] == 0 and summary["tokenization_mode"] == "finetune_raw"
     assert summary["provenance"]["argv"][0] == "score.py" and summary["bergson_version"]
+    assert summary["train_split"] == "score_pool"  # the default: the manifest's score_pool
+    assert (summary["score_normalization"], summary["loss_reduction"], summary["damping_rule"],
+            summary["preconditioning_mode"]) == ("none", "sum", "mean_eig", "none")
+    assert summary["train_fingerprint"] == split_fingerprint(split_rows(run_dir, "train_base"))
+    assert not (out / "bergson").exists()  # the gradient indices go unless --keep-gradients
+    assert (out / "bergson_data" / "train").is_dir()
     ranked = sorted(rows, key=lambda r: r["rank"])
     assert [r["rank"] for r in ranked] == list(range(1, 41))
     assert all(a["score"] >= b["score"] for a, b in zip(ranked, ranked[1:]))
@@ -189,42 +211,6 @@ def test_same_seed_same_ranking_and_subsets(scored_run):
     np.testing.assert_allclose([r["score"] for r in a], [r["score"] for r in b], rtol=1e-6)
 
 
-def test_choose_subsets_overlap_policy_and_seed():
-    from score import choose_subsets, rank_rows
-
-    scores = np.array([5.0, np.nan, 3.0, 9.0, 1.0, 7.0, 2.0, 8.0, 4.0, 6.0])
-    ranking = rank_rows(scores)
-    assert ranking == [3, 7, 5, 9, 0, 8, 2, 6, 4]
-    top, rand = choose_subsets(ranking, 3, seed=1, allow_overlap=False)
-    assert top == [3, 5, 7] and not set(top) & set(rand) and 1 not in rand
-    assert choose_subsets(ranking, 3, seed=1, allow_overlap=False) == (top, rand)
-    draws = {tuple(choose_subsets(ranking, 4, seed=s, allow_overlap=True)[1]) for s in range(30)}
-    assert any(set(d) & {3, 5, 7, 9} for d in draws) and all(1 not in d for d in draws)
-    with pytest.raises(Exception, match="outside the top-k"):
-        choose_subsets(ranking, 5, seed=1, allow_overlap=False)
-
-
-def test_token_matched_random_subset_reaches_top_k_tokens():
-    from score import choose_subsets, rank_rows
-
-    scores = np.array([5.0, np.nan, 3.0, 9.0, 1.0, 7.0, 2.0, 8.0, 4.0, 6.0, 0.5, 0.2])
-    tokens = np.array([10, 99, 3, 10, 2, 8, 5, 12, 4, 6, 7, 8])
-    ranking = rank_rows(scores)
-    top, rand = choose_subsets(ranking, 3, seed=3, allow_overlap=False, supervised_tokens=tokens)
-    assert top == [3, 5, 7]                                    # 30 tokens
-    target = tokens[top].sum()
-    assert not set(top) & set(rand) and 1 not in rand          # outside top-k, finite scores only
-    assert tokens[rand].sum() >= target
-    # the shortest prefix of the seeded order: without its last row it falls short
-    pool = sorted(set(ranking) - set(top))
-    order = [pool[i] for i in np.random.default_rng(3).permutation(len(pool))]
-    assert sorted(order[:len(rand)]) == rand and tokens[order[:len(rand) - 1]].sum() < target
-    assert choose_subsets(ranking, 3, seed=3, allow_overlap=False,
-                          supervised_tokens=tokens) == (top, rand)
-    with pytest.raises(Exception, match="needs 46 supervised tokens.* hold 29 outside"):
-        choose_subsets(ranking, 5, seed=3, allow_overlap=False, supervised_tokens=tokens)
-
-
 def test_continuation_manifest_trains_and_evaluates(scored_run):
     run_dir, runs = scored_run
     manifest = runs["mean"] / "continuation_manifest.json"
@@ -238,7 +224,7 @@ def test_continuation_manifest_trains_and_evaluates(scored_run):
 
 
 @pytest.mark.parametrize("change, message", [
-    (("--subset-k", 41), "larger than split 'train_base'"),
+    (("--subset-k", 41), "larger than split 'score_pool'"),
     (("--train-split", "nope"), "has no split 'nope'"),
     (("--adapter-path", "MISSING"), "does not exist"),
     (("--max-length", 600), "exceeds --token-batch-size"),
@@ -299,7 +285,11 @@ def test_help_documents_every_mode():
                  "--preconditioning-mode", "--projection-dim", "--tokenization-mode",
                  "finetune_raw", "chat_template", "--subset-k", "--train-split", "--query-split",
                  "--seed", "--allow-overlap", "--max-length", "--precision",
-                 "--token-batch-size", "(H_m + d * mean(eig(H_m)) * I)^-1"]:
+                 "--token-batch-size", "--score-normalization", "--damping-rule",
+                 "mean_abs_entry", "mean_eig", "--mixing-coefficient", "--scores-only",
+                 "--gradients-from", "--keep-gradients", "cos( g_i , P qbar )",
+                 "qbar = mean_j ( q_j / ||q_j|| )", "max_j cos( R g_i , R q_j )",
+                 "favours long rows", "favours short rows", "removes the gradient norm"]:
         assert flag in out, flag
 
 
@@ -346,5 +336,38 @@ def test_scores_from_redraws_only_the_subsets(scored_run, tmp_path):
     result = run_script("score.py", "--manifest", run_dir / "manifest.json", "--scores-from",
                         runs["mean"], "--train-split", "eval", "--subset-k", 4,
                         "--output-dir", tmp_path / "bad", expect_ok=False)
-    assert result.returncode == 2 and "scored split 'train_base'" in result.stderr
+    assert result.returncode == 2 and "scored split 'score_pool'" in result.stderr
     assert not (tmp_path / "bad").exists()
+    # the same row ids with other content (a corrupted twin) are refused too
+    twin = corrupted_twin(run_dir, tmp_path / "twin")
+    result = run_script("score.py", "--manifest", twin, "--scores-from", runs["mean"],
+                        "--subset-k", 8, "--output-dir", tmp_path / "twin_out", expect_ok=False)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert str(runs["mean"]) in result.stderr and str(tmp_path / "twin_out") in result.stderr
+    assert "train_fingerprint" in result.stderr and not (tmp_path / "twin_out").exists()
+
+
+def corrupted_twin(run_dir, out):
+    """A manifest whose score_pool has the same row ids as run_dir's and one other completion."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    pool = split_rows(run_dir, "score_pool")
+    twin = pool.map(lambda row, i: {"completion": row["completion"] + (" (changed)" if i == 0
+                                                                        else "")},
+                    with_indices=True)
+    twin.save_to_disk(str(out / "score_pool"))
+    for name, entry in manifest["splits"].items():
+        entry["path"] = str(out / "score_pool") if name == "score_pool" else str(
+            (run_dir / entry["path"]).resolve())
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert twin["row_id"] == pool["row_id"]
+    return out / "manifest.json"
+
+
+def test_split_fingerprint_sees_content_and_order(scored_run, tmp_path):
+    run_dir, _ = scored_run
+    pool = split_rows(run_dir, "score_pool")
+    assert split_fingerprint(pool) == split_fingerprint(split_rows(run_dir, "train_base"))
+    assert split_fingerprint(pool).startswith("sha256:")
+    changed = split_rows(tmp_path, "score_pool", corrupted_twin(run_dir, tmp_path).name)
+    assert split_fingerprint(changed) != split_fingerprint(pool)
+    assert split_fingerprint(pool.select(range(len(pool))[::-1])) != split_fingerprint(pool)
