@@ -71,12 +71,15 @@ import time
 import warnings
 from pathlib import Path
 
-from pipeline import (PipelineError, base_model_of_adapter, check_adapter_dir,
+from pipeline import (PipelineError, base_model_of_adapter, check_adapter_dir, check_output_dir,
                       load_manifest, load_split, load_tokenizer, provenance, prompt_messages,
-                      publish_dir, read_json, read_jsonl, split_fingerprint, staging_dir,
+                      read_json, read_jsonl, seed_type, split_fingerprint, staged_output,
                       tokenize_split, write_json_atomic, write_jsonl_atomic,
                       write_selection_manifest)
-from subsets import RANDOM_MATCHES, choose_subsets, rank_rows
+from subsets import (ARMS, RANDOM_MATCHES, check_arms, choose_subsets, rank_rows, read_arm_scores,
+                     select_arm, summarize_arms)
+
+SCRIPT = "score.py"
 
 # train rows per chunk when scoring from the on-disk index: about 256 MiB of fp32 gradients
 CHUNK_VALUES = 1 << 26
@@ -128,7 +131,8 @@ def parse_args(argv=None):
     p.add_argument("--subset-k", type=int, default=500,
                    help="rows in top_k and in matched_random_k (with --scores-only: the top-k of "
                         "the length diagnostics)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the matched random subset")
+    p.add_argument("--seed", type=seed_type, default=42,
+                   help="seed of the matched random subset (and of the random arms)")
     p.add_argument("--allow-overlap", action="store_true",
                    help="let the random subset include top-k rows (default: it may not)")
     p.add_argument("--random-match", choices=RANDOM_MATCHES, default="rows",
@@ -138,6 +142,13 @@ def parse_args(argv=None):
                         "stratified = k rows with the top-k's count per length quintile of "
                         "supervised tokens. tokens and stratified take the top-k's length bias "
                         "out of the comparison (subsets.py)")
+    p.add_argument("--arms", default=None, metavar="A,B,...",
+                   help="with --scores-from: instead of top_k + matched_random_k, one split per "
+                        f"named arm ({', '.join(ARMS)}; subsets.py says what each is), k rows "
+                        "each, drawn with --seed (the random arms change with it)")
+    p.add_argument("--arm-scores", action="append", default=[], metavar="NAME=PATH",
+                   help="the scores of a score arm (attribution_raw=<score.py folder>, "
+                        "sae=<train_bidir_classifier.py row_scores.jsonl>): its top-k (repeatable)")
     p.add_argument("--scores-only", action="store_true",
                    help="write train_scores.jsonl and summary.json only: no subsets, no "
                         "continuation manifest (a later --scores-from run draws them)")
@@ -192,17 +203,22 @@ def check_args(args) -> None:
         raise PipelineError(f"--damping must be > 0 with --preconditioning-mode "
                             f"{args.preconditioning_mode} (a query Hessian is singular), got "
                             f"{args.damping}")
+    if (args.arms or args.arm_scores) and not args.scores_from:
+        raise PipelineError("--arms and --arm-scores draw from existing scores: pass "
+                            "--scores-from DIR")
     if args.scores_from and (args.scores_only or args.gradients_from):
         other = "--scores-only" if args.scores_only else "--gradients-from"
         raise PipelineError(f"--scores-from and {other} exclude each other: --scores-from only "
                             f"draws subsets from existing scores")
 
 
-def prepare_output_dir(path: Path, overwrite: bool) -> None:
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise PipelineError(f"output directory {path} exists and is not empty "
-                                f"(pass --overwrite to replace it)")
+def prepare_output_dir(args) -> Path:
+    """Refused before any work: the working directory, a folder holding an input, another
+    script's folder (pipeline.check_output_dir)."""
+    return check_output_dir(args.output_dir, args.overwrite, SCRIPT,
+                            inputs=[args.manifest, args.adapter_path if not args.scores_from
+                                    else None, args.scores_from, args.gradients_from,
+                                    *[item.partition("=")[2] for item in args.arm_scores]])
 
 
 def check_subset_k(args, train_split) -> None:
@@ -723,6 +739,38 @@ def write_selection(args, manifest, train_split, scores, num_tokens, num_supervi
             "matched_random_k": subset_summary(random_rows, scores, num_tokens, num_supervised)}
 
 
+def write_arms(args, manifest, train_split, scores, num_tokens, num_supervised, staged: Path,
+               method: dict) -> dict:
+    """--arms: train_scores.jsonl and a continuation manifest with one split per arm (k rows
+    each, subsets.select_arm); returns summary.json's arms field."""
+    import numpy as np
+
+    arm_scores = {}
+    for item in args.arm_scores:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise PipelineError(f"--arm-scores {item}: expected NAME=PATH")
+        arm_scores[name] = read_arm_scores(name, path, train_split["row_id"])
+    arms = check_arms([a.strip() for a in args.arms.split(",") if a.strip()], arm_scores)
+    reward = (np.array([np.nan if v is None else v for v in train_split["reward_model_score"]],
+                       dtype=np.float64)
+              if "reward_model_score" in train_split.column_names else None)
+    selections = {arm: select_arm(arm, args.subset_k, scores, supervised_tokens=num_supervised,
+                                  seed=args.seed, reward=reward, arm_scores=arm_scores,
+                                  allow_overlap=args.allow_overlap) for arm in arms}
+    write_train_scores(staged / "train_scores.jsonl", train_split["row_id"], scores, num_tokens,
+                       num_supervised, None)
+    selection = {"method": "arms", "source_split": args.train_split, **method,
+                 "k": args.subset_k, "seed": args.seed, "allow_overlap": args.allow_overlap,
+                 "arms": {arm: ARMS.get(arm, "top-k of its own scores") for arm in arms},
+                 "arm_scores": {item.partition("=")[0]: str(Path(item.partition("=")[2]).resolve())
+                                for item in args.arm_scores}}
+    write_selection_manifest(manifest, staged / "continuation_manifest.json",
+                             {arm: train_split.select(rows) for arm, rows in selections.items()},
+                             selection)
+    return {"arms": summarize_arms(selections, scores, num_tokens, num_supervised, arm_scores)}
+
+
 METHOD_KEYS = ("score_mode", "score_normalization", "preconditioning_mode", "projection_dim",
                "loss_reduction", "damping_rule", "damping", "mixing_coefficient")
 
@@ -753,21 +801,26 @@ def redraw_subsets(args, manifest, train_split, output_dir: Path) -> None:
     scores = np.array([np.nan if r["score"] is None else r["score"] for r in rows])
     num_tokens = np.array([r["num_tokens"] for r in rows])
     num_supervised = np.array([r["num_supervised_tokens"] for r in rows])
-    staged = staging_dir(output_dir)
-    try:
-        method = {k: source_summary.get(k) for k in METHOD_KEYS}
-        subsets = write_selection(args, manifest, train_split, scores, num_tokens,
-                                  num_supervised, staged, output_dir,
-                                  {**method, "scores_from": str(source.resolve())})
+    method = {k: source_summary.get(k) for k in METHOD_KEYS}
+    with staged_output(output_dir, SCRIPT) as staged:
+        if args.arms:
+            subsets = write_arms(args, manifest, train_split, scores, num_tokens, num_supervised,
+                                 staged, {**method, "scores_from": str(source.resolve())})
+        else:
+            subsets = write_selection(args, manifest, train_split, scores, num_tokens,
+                                      num_supervised, staged, output_dir,
+                                      {**method, "scores_from": str(source.resolve())})
         summary = {**source_summary, "scores_from": str(source.resolve()), **subsets,
                    "length_diagnostics": length_diagnostics(scores, num_tokens, num_supervised,
                                                             train_split, args.subset_k),
                    "provenance": provenance(seed=args.seed, manifest=args.manifest)}
         write_json_atomic(staged / "summary.json", summary)
-        publish_dir(staged, output_dir)  # replaces an existing output_dir
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+    if args.arms:
+        print(f"drew {len(subsets['arms'])} arms of {args.subset_k} rows (seed {args.seed}) from "
+              f"the scores in {source}: " + ", ".join(
+                  f"{arm} {info['supervised_tokens']:,} tokens"
+                  for arm, info in subsets["arms"].items()) + f"; wrote {output_dir}")
+        return
     print(f"drew top-{args.subset_k} and a matched random {subsets['matched_random_k']['rows']} "
           f"rows (matched by {args.random_match}, seed {args.seed}) from the scores in {source}; "
           f"wrote {output_dir}")
@@ -854,7 +907,8 @@ def summary_step(args, run: dict, train_split, query_split, tokens: dict, scores
 def publish_step(args, manifest, train_split, scores, tokens: dict, summary: dict,
                  hessians: dict | None, paths: dict, staged: Path, output_dir: Path) -> None:
     """Scores (and, unless --scores-only, the subsets and their manifest) into the staged
-    folder; the gradient indices kept or removed; then the folder renamed onto output_dir."""
+    folder; the gradient indices kept or removed (staged_output then renames it onto
+    output_dir)."""
     if args.scores_only:
         write_train_scores(staged / "train_scores.jsonl", train_split["row_id"], scores,
                            tokens["num_tokens"], tokens["num_supervised"], None)
@@ -870,15 +924,13 @@ def publish_step(args, manifest, train_split, scores, tokens: dict, summary: dic
         shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(staged / "work", ignore_errors=True)
     write_json_atomic(staged / "summary.json", summary)
-    publish_dir(staged, output_dir)  # replaces an existing output_dir
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     check_args(args)
     started = time.time()
-    output_dir = Path(args.output_dir)
-    prepare_output_dir(output_dir, args.overwrite)
+    output_dir = prepare_output_dir(args)
     manifest = load_manifest(args.manifest)
     train_split = load_split(manifest, args.train_split)
     check_subset_k(args, train_split)
@@ -890,8 +942,7 @@ def main(argv=None) -> None:
     reused = reused_gradients(args, run, train_split, query_split) if args.gradients_from \
         else None
 
-    staged = staging_dir(output_dir)
-    try:
+    with staged_output(output_dir, SCRIPT) as staged:
         stage_seconds = {}
         t0 = time.time()
         tokens = tokenize_step(args, run, train_split, query_split, staged / "bergson_data")
@@ -905,9 +956,6 @@ def main(argv=None) -> None:
                                stage_seconds, started)
         publish_step(args, manifest, train_split, scores, tokens, summary, hessians, paths,
                      staged, output_dir)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
     subsets = ("" if args.scores_only else
                f"; top-{args.subset_k} mean score {summary['top_k']['mean_score']:.4g} vs "
                f"random {summary['matched_random_k']['mean_score']:.4g}")
