@@ -445,3 +445,61 @@ def test_the_demo_is_a_small_verdict():
     import run_experiment as rx
 
     assert rx.load_recipe(ROOT / "recipes" / "demo.toml", None, None, []).seeds == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# score.py --arms: the arms step on fabricated scores (no model needed)
+
+
+def fake_scores(folder, split, scores, fingerprint):
+    folder.mkdir(parents=True)
+    rows = [{"row_id": r, "score": float(s), "rank": None, "num_tokens": 10 + i,
+             "num_supervised_tokens": 3 + (i % 7) * 5} for i, (r, s) in
+            enumerate(zip(split["row_id"], scores))]
+    (folder / "train_scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "summary.json").write_text(json.dumps({"train_split": "score_pool",
+                                                     "train_fingerprint": fingerprint}))
+    return rows
+
+
+def test_score_arms_step_writes_one_split_per_arm(tmp_path, monkeypatch):
+    import tiny
+    from conftest import run_script
+    from pipeline import load_manifest, load_split, split_fingerprint
+
+    source = tiny.write_jsonl(tmp_path / "chat.jsonl", tiny.smoltalk_rows(120, seed=3))
+    run_script("dataset.py", "--run-dir", tmp_path / "run", "--dataset-name", source,
+               "--group-column", "instruction_id", "--train-size", 60, "--query-size", 6,
+               "--eval-size", 6, "--seed", 1)
+    manifest = load_manifest(tmp_path / "run" / "manifest.json")
+    split = load_split(manifest, "score_pool")
+    rng = np.random.default_rng(0)
+    rows = fake_scores(tmp_path / "run" / "scores", split, rng.normal(size=len(split)),
+                       split_fingerprint(split))
+    fake_scores(tmp_path / "run" / "scores_raw", split, rng.normal(size=len(split)),
+                split_fingerprint(split))
+    arms = "attribution,attribution_raw,random,random_stratified,longest,reward,attribution_bottom"
+
+    def arms_step(seed):
+        out = tmp_path / f"arms_{seed}"
+        run_script("score.py", "--manifest", tmp_path / "run" / "manifest.json",
+                   "--scores-from", tmp_path / "run" / "scores", "--arms", arms,
+                   "--arm-scores", f"attribution_raw={tmp_path / 'run' / 'scores_raw'}",
+                   "--subset-k", 8, "--seed", seed, "--output-dir", out, "--overwrite")
+        picked = load_manifest(out / "continuation_manifest.json")
+        return ({arm: sorted(load_split(picked, arm)["row_id"]) for arm in arms.split(",")},
+                json.loads((out / "summary.json").read_text()))
+
+    first, summary = arms_step(1)
+    again, _ = arms_step(1)
+    other, _ = arms_step(2)
+    assert first == again
+    by_score = sorted(rows, key=lambda r: -r["score"])
+    assert first["attribution"] == sorted(r["row_id"] for r in by_score[:8])
+    assert first["attribution_bottom"] == sorted(r["row_id"] for r in by_score[-8:])
+    assert not set(first["random"]) & set(first["attribution"])
+    assert first["random"] != other["random"] and first["longest"] == other["longest"]
+    assert set(summary["arms"]) == set(arms.split(","))
+    assert all(summary["arms"][a]["rows"] == 8 for a in arms.split(","))
+    longest_tokens = summary["arms"]["longest"]["supervised_tokens"]
+    assert all(summary["arms"][a]["supervised_tokens"] <= longest_tokens for a in summary["arms"])
