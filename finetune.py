@@ -1,6 +1,7 @@
 """LoRA supervised finetuning with completion-only loss, on TRL's SFTTrainer.
 
-  finetune.py train --manifest runs/smoltalk_v1/manifest.json --output-dir runs/smoltalk_v1/base_adapter
+  finetune.py train --manifest runs/smoltalk_v1/manifest.json \
+      --output-dir runs/smoltalk_v1/base_adapter
 
 The trainer trains on the split's rows as pipeline.tokenize_example tokenized them (the ids score.py
 hands to bergson): SFTTrainer gets them already tokenized, `input_ids` plus a `completion_mask` that
@@ -12,12 +13,12 @@ token, not per row. TRL's fused LM head scores the supervised positions in tiles
 those), so the (rows x positions x vocabulary) logits are never built.
 
 Presets (every flag below overrides its preset's value):
-  --preset seed (default)  the seed's recipe: learning rate 1e-4, cosine schedule, 3 epochs, 16 rows
-                           per optimizer step (1 row x 16 accumulation), weight decay 0.01, LoRA r 16
-                           / alpha 32 / dropout 0.05 on every linear projection, and the epoch with
-                           the lowest --eval-split loss kept (load_best_model_at_end)
-  --preset fast            2e-4, linear with 3% warm-up, 1 epoch, 8 rows per step (8 x 1), no weight
-                           decay, the last step kept
+  --preset seed (default)  the seed's recipe: learning rate 1e-4, cosine schedule, 3 epochs, 16
+                           rows per optimizer step (1 row x 16 accumulation), weight decay 0.01,
+                           LoRA r 16 / alpha 32 / dropout 0.05 on every linear projection, and the
+                           epoch with the lowest --eval-split loss kept (load_best_model_at_end)
+  --preset fast            2e-4, linear with 3% warm-up, 1 epoch, 8 rows per step (8 x 1), no
+                           weight decay, the last step kept
 The loss is evaluated on --eval-split after every epoch and at the end.
 
 Arms: --init scratch trains a fresh LoRA (lora_B = 0) on the base model; --init continue (what
@@ -137,7 +138,8 @@ def parse_args(argv=None):
                         "handle natively and sdpa through a block-diagonal mask over the whole "
                         "micro-batch")
     p.add_argument("--attn-implementation", default="sdpa",
-                   help="attention kernel the model loads with (sdpa, eager, flash_attention_2, ...)")
+                   help="attention kernel the model loads with (sdpa, eager, "
+                        "flash_attention_2, ...)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="weights/compute dtype: auto = bf16 on GPU, fp32 on CPU")
     p.add_argument("--device", default="auto",
