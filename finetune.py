@@ -29,8 +29,10 @@ switches between the two designs.
 Budget matching: --step-tokens T cuts the row stream into optimizer steps at every multiple of T
 supervised tokens (steps equal in tokens, +- one row, not in rows); --budget-tokens N stops after N
 supervised tokens. With both, two arms of different row counts train the same tokens in the same
-number of steps (ceil(N / T)); train_metrics.json records the rows and supervised tokens of every
-step, as the trainer counted them.
+number of steps (ceil(N / T)). --match-split NAME sets both from a split of the manifest (T = its
+supervised tokens / the steps its rows make, N = --epochs x its supervised tokens): arms that pass
+the same NAME are matched. train_metrics.json records the rows and supervised tokens of every step,
+as the trainer counted them.
 
 Several GPUs, data-parallel through the Trainer's own launch (one process per GPU):
 
@@ -108,6 +110,11 @@ def parse_args(argv=None):
                         "are split into --gradient-accumulation micro-batches per process")
     p.add_argument("--budget-tokens", type=int, default=None,
                    help="stop after this many supervised tokens (overrides --epochs)")
+    p.add_argument("--match-split", default=None,
+                   help="budget-match to this split of the manifest: --step-tokens = its supervised "
+                        "tokens / the steps it takes at --batch-size x --gradient-accumulation x "
+                        "processes rows a step, --budget-tokens = --epochs x its supervised tokens "
+                        "(arms that all pass the same split train equal tokens in equal steps)")
     p.add_argument("--learning-rate", type=float, default=None, help=f"peak learning rate {preset}")
     p.add_argument("--lr-scheduler", choices=["linear", "cosine", "constant"], default=None,
                    help=f"decay after the warm-up {preset}")
@@ -125,11 +132,13 @@ def parse_args(argv=None):
     p.add_argument("--keep", choices=["best", "last"], default=None,
                    help=f"adapter to save: the evaluation with the lowest --eval-split loss, or "
                         f"the last step {preset}")
-    p.add_argument("--lora-rank", type=int, default=None, help=f"LoRA rank r {preset}")
-    p.add_argument("--lora-alpha", type=float, default=None, help=f"LoRA alpha {preset}")
-    p.add_argument("--lora-dropout", type=float, default=None, help=f"LoRA dropout {preset}")
+    fresh = "(a fresh LoRA; --init continue keeps the adapter's)"
+    p.add_argument("--lora-rank", type=int, default=None, help=f"LoRA rank r {fresh} {preset}")
+    p.add_argument("--lora-alpha", type=float, default=None, help=f"LoRA alpha {fresh} {preset}")
+    p.add_argument("--lora-dropout", type=float, default=None,
+                   help=f"LoRA dropout {fresh} {preset}")
     p.add_argument("--lora-targets", default=DEFAULT_LORA_TARGETS,
-                   help="comma-separated module names LoRA wraps")
+                   help=f"comma-separated module names LoRA wraps {fresh}")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="trade compute for memory (long rows on a large model)")
     p.add_argument("--padding-free", action="store_true",
@@ -201,9 +210,9 @@ def check_arguments(args) -> tuple[dict, Path]:
                             "gives it; set CUDA_VISIBLE_DEVICES instead")
     if args.device not in ("auto", "cuda", "cpu"):
         raise PipelineError(f"--device {args.device}: expected auto, cuda or cpu")
-    load_split(manifest, args.train_split)
-    if args.eval_split != "none":
-        load_split(manifest, args.eval_split)
+    for split in (args.train_split, args.eval_split, args.match_split):
+        if split not in (None, "none"):
+            load_split(manifest, split)
     return manifest, output_dir
 
 
@@ -227,6 +236,19 @@ def tokenized_rows(args, manifest, tokenizer) -> tuple[list[dict], list[dict] | 
             raise PipelineError(f"check 6 failed: split '{args.eval_split}' has no supervised "
                                 "tokens")
     return train_rows, eval_rows, counts
+
+
+def match_budget(args, manifest, tokenizer, world: int) -> None:
+    """--match-split: the step and budget tokens that make this arm train what that split trains
+    in its row-count steps, in tokens (explicit --step-tokens / --budget-tokens win)."""
+    rows = tokenize_split(load_split(manifest, args.match_split), tokenizer, args.max_length,
+                          desc=f"tokenize {args.match_split}")["num_supervised_tokens"]
+    rows = [n for n in rows if n > 0]
+    if not rows:
+        raise PipelineError(f"--match-split: split '{args.match_split}' has no supervised tokens")
+    steps = math.ceil(len(rows) / (args.batch_size * args.gradient_accumulation * world))
+    args.step_tokens = args.step_tokens or math.ceil(sum(rows) / steps)
+    args.budget_tokens = args.budget_tokens or math.ceil(args.epochs * sum(rows))
 
 
 def trainer_dataset(rows: list[dict]):
@@ -597,7 +619,8 @@ def build_trainer(args, model, tokenizer, train_rows, eval_rows, plan, sampler, 
                             "training rows")
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(SparseProgress(args.log_every))
-    recorder = RunRecorder(trainer, plan["epoch_end_steps"], args.profile_steps)
+    recorder = RunRecorder(trainer, plan["epoch_end_steps"] if evaluating else [],
+                           args.profile_steps)
     trainer.add_callback(recorder)
     return trainer, recorder
 
@@ -662,6 +685,7 @@ def write_outputs(staged: Path, output_dir: Path, trainer, recorder, record, pla
         "rows_per_step": plan["rows_per_step"],
         "step_tokens": args.step_tokens,
         "budget_tokens": args.budget_tokens,
+        "match_split": args.match_split,
         "steps_per_epoch": plan["steps_per_epoch"],
         "planned": {"steps": len(plan["steps"]), "rows": sum(map(len, plan["steps"]))},
         **{k: record[k] for k in ("optimizer_steps", "rows_seen", "tokens_seen",
@@ -705,6 +729,8 @@ def train(args) -> None:
     tokenizer = load_tokenizer(args.resume_adapter or args.base_model)
     train_rows, eval_rows, counts = tokenized_rows(args, manifest, tokenizer)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if args.match_split:
+        match_budget(args, manifest, tokenizer, world)
     plan = plan_steps([r["num_supervised_tokens"] for r in train_rows], args, world)
     StepSampler = trainer_classes()[0]
     sampler = StepSampler(plan["steps"], [len(r["input_ids"]) for r in train_rows], world,

@@ -144,31 +144,34 @@ def long_short(run_dir, tiny_model):
 
 @pytest.fixture(scope="module")
 def arms(long_short, recorded, tiny_model):
-    """Both subsets at 100 supervised tokens a step for 400 tokens; the long arm continues the
-    scratch adapter, the short arm starts a fresh LoRA on its base model."""
+    """Both subsets matched to the long one (--match-split long): 16 rows a step (8 x 2
+    micro-batches) make 3 steps of its 40 rows, so 3 steps of a third of its tokens each. The long
+    arm continues the scratch adapter, the short arm starts a fresh LoRA on its base model."""
     manifest, _ = long_short
     out = manifest.parent
     _, adapter = recorded
     for split, init in (("long", "continue"), ("short", "scratch")):
         run_script("finetune.py", "train", "--preset", "fast", "--manifest", manifest,
                    "--train-split", split, "--init", init, "--resume-adapter", adapter,
-                   "--output-dir", out / split, "--step-tokens", 100, "--budget-tokens", 400,
+                   "--output-dir", out / split, "--match-split", "long", "--batch-size", 8,
                    "--gradient-accumulation", 2, "--max-length", MAX_LENGTH, "--eval-split", "none")
     return {split: load(out / split / "train_metrics.json") for split in ("long", "short")}
 
 
-def test_budget_matching_gives_equal_steps_and_tokens(arms, long_short):
-    _, longest_row = long_short
+def test_budget_matching_gives_equal_steps_and_tokens(arms, long_short, tiny_model):
+    manifest, longest_row = long_short
+    budget = sum(r["num_supervised_tokens"] for r in split_rows(manifest, "long", tiny_model)[1])
+    step_tokens = math.ceil(budget / 3)
     long, short = arms["long"], arms["short"]
-    assert long["optimizer_steps"] == short["optimizer_steps"] == 4  # ceil(400 / 100)
+    assert long["optimizer_steps"] == short["optimizer_steps"] == 3
     assert short["rows_seen"] > 1.5 * long["rows_seen"]  # the same tokens in many more rows
     for metrics in arms.values():
-        assert metrics["step_tokens"] == 100 and metrics["budget_tokens"] == 400
+        assert (metrics["step_tokens"], metrics["budget_tokens"]) == (step_tokens, budget)
         assert metrics["rows_seen"] == sum(x["rows"] for x in metrics["loss_curve"])
-        assert 400 <= metrics["supervised_tokens_seen"] < 400 + longest_row
+        assert budget <= metrics["supervised_tokens_seen"] < budget + longest_row
         cumulative = np.cumsum([x["supervised_tokens"] for x in metrics["loss_curve"]])
-        for step, tokens in enumerate(cumulative, 1):  # each step ends at the row crossing 100 s
-            assert 100 * step <= tokens < 100 * step + longest_row
+        for step, tokens in enumerate(cumulative[:-1], 1):  # a step ends at the row crossing s x T
+            assert step_tokens * step <= tokens < step_tokens * step + longest_row
         assert min(x["rows"] for x in metrics["loss_curve"]) >= 2  # a row per micro-batch
     assert abs(long["supervised_tokens_seen"] - short["supervised_tokens_seen"]) < longest_row
 

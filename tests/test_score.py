@@ -19,7 +19,7 @@ def scored_run(tmp_path_factory, tiny_model, chat_jsonl):
     run_script("dataset.py", "--run-dir", run_dir, "--dataset-name", chat_jsonl,
                "--group-column", "instruction_id", "--train-size", 40, "--query-size", 12,
                "--eval-size", 12, "--seed", 3)
-    run_script("finetune.py", "train", "--manifest", run_dir / "manifest.json",
+    run_script("finetune.py", "train", "--preset", "fast", "--manifest", run_dir / "manifest.json",
                "--base-model", tiny_model, "--output-dir", run_dir / "base_adapter",
                "--epochs", 2, "--batch-size", 8, "--learning-rate", 3e-3, "--lora-rank", 4,
                "--max-length", MAX_LEN)
@@ -228,7 +228,8 @@ def test_token_matched_random_subset_reaches_top_k_tokens():
 def test_continuation_manifest_trains_and_evaluates(scored_run):
     run_dir, runs = scored_run
     manifest = runs["mean"] / "continuation_manifest.json"
-    run_script("finetune.py", "train", "--manifest", manifest, "--train-split", "top_k",
+    run_script("finetune.py", "train", "--preset", "fast", "--manifest", manifest,
+               "--train-split", "top_k",
                "--resume-adapter", run_dir / "base_adapter", "--output-dir", run_dir / "top_ft",
                "--max-steps", 2, "--max-length", MAX_LEN)
     run_script("eval_loss.py", "--manifest", manifest, "--adapter-path", run_dir / "top_ft",
