@@ -18,7 +18,8 @@ Presets (every flag below overrides its preset's value):
                            LoRA r 16 / alpha 32 / dropout 0.05 on every linear projection, and the
                            epoch with the lowest --eval-split loss kept (load_best_model_at_end)
   --preset fast            2e-4, linear with 3% warm-up, 1 epoch, 8 rows per step (8 x 1), no
-                           weight decay, the last step kept
+                           weight decay, the last step kept, rows grouped by length (little
+                           padding in a batch of 8)
 The loss is evaluated on --eval-split after every epoch and at the end.
 
 Arms: --init scratch trains a fresh LoRA (lora_B = 0) on the base model; --init continue (what
@@ -65,10 +66,10 @@ DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 PRESETS = {
     "seed": dict(learning_rate=1e-4, lr_scheduler="cosine", warmup_ratio=0.0, epochs=3.0,
                  batch_size=1, gradient_accumulation=16, weight_decay=0.01, lora_rank=16,
-                 lora_alpha=32.0, lora_dropout=0.05, keep="best"),
+                 lora_alpha=32.0, lora_dropout=0.05, keep="best", group_by_length=False),
     "fast": dict(learning_rate=2e-4, lr_scheduler="linear", warmup_ratio=0.03, epochs=1.0,
                  batch_size=8, gradient_accumulation=1, weight_decay=0.0, lora_rank=16,
-                 lora_alpha=32.0, lora_dropout=0.05, keep="last"),
+                 lora_alpha=32.0, lora_dropout=0.05, keep="last", group_by_length=True),
 }
 
 
@@ -124,6 +125,10 @@ def parse_args(argv=None):
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"rows per micro-batch, per process (without --step-tokens) {preset}")
+    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=None,
+                   help="order each epoch's rows as transformers' group_by_length does (shuffled, "
+                        "then sorted by length within mega-batches of 50 steps): steps of similar "
+                        f"lengths, little padding {preset}")
     p.add_argument("--max-batch-tokens", type=int, default=None,
                    help="refuse to run (before loading the model) if a micro-batch would hold more "
                         "padded tokens than this")
@@ -264,17 +269,28 @@ def trainer_dataset(rows: list[dict]):
 # which rows each optimizer step trains on
 
 
-def plan_steps(supervised: list[int], args, world: int) -> dict:
+def epoch_order(lengths: list[int], args, epoch: int, rows_per_step: int) -> list[int]:
+    if not args.group_by_length:
+        import numpy as np
+
+        return np.random.default_rng(args.seed * 1000 + epoch).permutation(len(lengths)).tolist()
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+    return get_length_grouped_indices(lengths, rows_per_step, generator=generator)
+
+
+def plan_steps(supervised: list[int], lengths: list[int], args, world: int) -> dict:
     """The rows of every optimizer step of the run, decided before the model loads.
 
-    Rows come as one stream, epoch after epoch, each epoch in its own seeded shuffle. The stream is
-    cut into steps of --batch-size x --gradient-accumulation x processes rows, or with --step-tokens
-    T where it crosses each multiple of T supervised tokens (step s ends with the row that reaches
-    (s+1)T, so a step's overshoot never accumulates into the next). It stops after --max-steps
-    steps, after --budget-tokens supervised tokens, or after --epochs passes (counted in rows, or in
-    supervised tokens with --step-tokens). A step needs a row for each of its micro-batches."""
-    import numpy as np
-
+    Rows come as one stream, epoch after epoch, each epoch in its own seeded order (epoch_order).
+    The stream is cut into steps of --batch-size x --gradient-accumulation x processes rows, or
+    with --step-tokens T where it crosses each multiple of T supervised tokens (step s ends with
+    the row that reaches (s+1)T, so a step's overshoot never accumulates into the next). It stops
+    after --max-steps steps, after --budget-tokens supervised tokens, or after --epochs passes
+    (counted in rows, or in supervised tokens with --step-tokens). A step needs a row for each of
+    its micro-batches."""
     micro_batches = args.gradient_accumulation * world
     rows_per_step = args.batch_size * micro_batches
     total = sum(supervised)
@@ -286,8 +302,8 @@ def plan_steps(supervised: list[int], args, world: int) -> dict:
     steps, step_epoch, epoch_ends = [], [], []
     current, seen, epoch = [], 0, 0
     while True:
-        for row in np.random.default_rng(args.seed * 1000 + epoch).permutation(len(supervised)):
-            current.append(int(row))
+        for row in epoch_order(lengths, args, epoch, rows_per_step):
+            current.append(row)
             seen += supervised[row]
             spent = stop_tokens is not None and seen >= stop_tokens
             full = (seen >= (len(steps) + 1) * args.step_tokens if args.step_tokens
@@ -731,7 +747,8 @@ def train(args) -> None:
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if args.match_split:
         match_budget(args, manifest, tokenizer, world)
-    plan = plan_steps([r["num_supervised_tokens"] for r in train_rows], args, world)
+    plan = plan_steps([r["num_supervised_tokens"] for r in train_rows],
+                      [len(r["input_ids"]) for r in train_rows], args, world)
     StepSampler = trainer_classes()[0]
     sampler = StepSampler(plan["steps"], [len(r["input_ids"]) for r in train_rows], world,
                           args.gradient_accumulation, rank)
