@@ -119,7 +119,7 @@ def test_finetune_ignores_corruption_columns(tmp_path, runs, tiny_model, chat_js
     """finetune.py reads only prompt/completion: a corrupted manifest trains like any other."""
     run_dir = tmp_path / "run"
     make_splits(run_dir, chat_jsonl, extra=("--corrupt-fraction", 0.5))
-    run_script("finetune.py", "train", "--manifest", run_dir / "manifest.json",
+    run_script("finetune.py", "train", "--preset", "fast", "--manifest", run_dir / "manifest.json",
                "--base-model", tiny_model, "--output-dir", run_dir / "adapter",
                "--max-steps", 2, "--batch-size", 8, "--max-length", 128)
     assert (run_dir / "adapter" / "train_metrics.json").is_file()

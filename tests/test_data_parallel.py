@@ -47,10 +47,10 @@ def run_dir(tmp_path_factory, chat_jsonl):
 
 def finetune_args(run_dir, tiny_model, output_dir, accumulation):
     # no LoRA dropout: its masks are the one thing that differs between the two set-ups
-    return ["train", "--manifest", run_dir / "manifest.json", "--base-model", tiny_model,
-            "--output-dir", output_dir, "--epochs", 1, "--batch-size", 4,
-            "--gradient-accumulation", accumulation, "--lora-dropout", 0, "--lora-rank", 8,
-            "--learning-rate", 3e-3, "--max-length", MAX_LENGTH, "--device", "cpu"]
+    return ["train", "--preset", "fast", "--manifest", run_dir / "manifest.json",
+            "--base-model", tiny_model, "--output-dir", output_dir, "--epochs", 1,
+            "--batch-size", 4, "--gradient-accumulation", accumulation, "--lora-dropout", 0,
+            "--lora-rank", 8, "--learning-rate", 3e-3, "--max-length", MAX_LENGTH, "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")

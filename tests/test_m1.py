@@ -24,9 +24,9 @@ def m1_run(tmp_path_factory, tiny_model, chat_jsonl):
     run_dir = tmp_path_factory.mktemp("m1") / "run"
     make_splits(run_dir, chat_jsonl)
     manifest = run_dir / "manifest.json"
-    run_script("finetune.py", "train", "--manifest", manifest, "--base-model", tiny_model,
-               "--output-dir", run_dir / "base_adapter", "--epochs", 4, "--batch-size", 8,
-               "--learning-rate", 3e-3, "--lora-rank", 8, "--max-length", 256)
+    run_script("finetune.py", "train", "--preset", "fast", "--manifest", manifest,
+               "--base-model", tiny_model, "--output-dir", run_dir / "base_adapter", "--epochs", 4,
+               "--batch-size", 8, "--learning-rate", 3e-3, "--lora-rank", 8, "--max-length", 256)
     run_script("eval_loss.py", "--manifest", manifest, "--adapter-path", run_dir / "base_adapter",
                "--output-json", run_dir / "eval.json", "--max-length", 256)
     return run_dir
@@ -232,7 +232,7 @@ def test_profile_steps_writes_table_and_summary(m1_run, tiny_model, tmp_path):
     """--profile-steps profiles the requested steps after the warm-up and records the per-step
     wall-clock (on the CPU there are no kernels, so the GPU fields are empty)."""
     out = tmp_path / "profiled"
-    run_script("finetune.py", "train", "--manifest", m1_run / "manifest.json",
+    run_script("finetune.py", "train", "--preset", "fast", "--manifest", m1_run / "manifest.json",
                "--base-model", tiny_model, "--output-dir", out, "--max-steps", 4,
                "--profile-steps", 2, "--batch-size", 8, "--max-length", 128, "--eval-split", "none")
     profile = load(out / "train_metrics.json")["profile"]

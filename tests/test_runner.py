@@ -41,7 +41,7 @@ outputs = ["{{run_dir}}/manifest.json", "{{run_dir}}/data"]
 [[steps]]
 name = "finetune"
 per_seed = true
-run = """finetune.py train --manifest {{run_dir}}/manifest.json --base-model {{model}} \\
+run = """finetune.py train --preset fast --manifest {{run_dir}}/manifest.json --base-model {{model}} \\
   --output-dir {{seed_dir}}/adapter --epochs 1 --max-length {{max_length}} --eval-split none \\
   --seed {{seed}} --overwrite {finetune_extra}"""
 inputs = ["{{run_dir}}/manifest.json", "{{run_dir}}/data", "{{model}}"]

@@ -434,7 +434,8 @@ def test_selection_manifest_trains_with_finetune(predictor, run_dir, tiny_model,
     assert set(rand["row_id"]) <= {r["row_id"] for r in scored}
     evaluation = load_from_disk(str(out / "selection" / manifest["splits"]["eval"]["path"]))
     assert evaluation["row_id"] == load_from_disk(str(split_dir(run_dir, "eval")))["row_id"]
-    run_script("finetune.py", "train", "--manifest", manifest_path, "--train-split", "top_k",
+    run_script("finetune.py", "train", "--preset", "fast", "--manifest", manifest_path,
+               "--train-split", "top_k",
                "--eval-split", "none", "--base-model", tiny_model, "--output-dir",
                tmp_path / "adapter", "--max-steps", 2, "--batch-size", 4, "--max-length",
                MAX_TOKENS)

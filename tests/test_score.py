@@ -25,7 +25,7 @@ def trained_run(run_dir, tiny_model, chat_jsonl, sizes=(40, 12, 12), seed=3, epo
     run_script("dataset.py", "--run-dir", run_dir, "--dataset-name", chat_jsonl,
                "--group-column", "instruction_id", "--train-size", train, "--query-size", query,
                "--eval-size", evaluation, "--seed", seed)
-    run_script("finetune.py", "train", "--manifest", run_dir / "manifest.json",
+    run_script("finetune.py", "train", "--preset", "fast", "--manifest", run_dir / "manifest.json",
                "--base-model", tiny_model, "--output-dir", run_dir / "base_adapter",
                "--epochs", epochs, "--batch-size", 8, "--learning-rate", 3e-3, "--lora-rank", 4,
                "--max-length", MAX_LEN)
@@ -214,7 +214,8 @@ def test_same_seed_same_ranking_and_subsets(scored_run):
 def test_continuation_manifest_trains_and_evaluates(scored_run):
     run_dir, runs = scored_run
     manifest = runs["mean"] / "continuation_manifest.json"
-    run_script("finetune.py", "train", "--manifest", manifest, "--train-split", "top_k",
+    run_script("finetune.py", "train", "--preset", "fast", "--manifest", manifest,
+               "--train-split", "top_k",
                "--resume-adapter", run_dir / "base_adapter", "--output-dir", run_dir / "top_ft",
                "--max-steps", 2, "--max-length", MAX_LEN)
     run_script("eval_loss.py", "--manifest", manifest, "--adapter-path", run_dir / "top_ft",

@@ -288,7 +288,8 @@ def perturbed_copy(adapter, destination, scale: float):
 @pytest.fixture(scope="module")
 def taboo_e2e(taboo_run, tiny_model):
     manifest = taboo_run / "manifest.json"
-    run_script("finetune.py", "train", "--manifest", manifest, "--base-model", tiny_model,
+    run_script("finetune.py", "train", "--preset", "fast", "--manifest", manifest,
+               "--base-model", tiny_model,
                "--output-dir", taboo_run / "top_adapter", "--max-steps", 4, "--batch-size", 8,
                "--learning-rate", 3e-3, "--lora-rank", 4, "--max-length", 384,
                "--eval-split", "none")
