@@ -192,7 +192,7 @@ def test_start_recipe_and_follow_on_the_cpu(tmp_path, tiny_model, chat_jsonl):
                HF_HUB_OFFLINE="1")
     variables = [f"dataset={chat_jsonl}", "dataset_flags=--group-column instruction_id",
                  f"model={tiny_model}", "train_size=120", "query_size=30", "eval_size=30",
-                 "max_length=256", "eval_batch_size=8"]
+                 "max_length=256", "eval_batch_size=8", "base_preset=fast"]
     args = ["recipes/m1.toml", "--run-dir", str(run_dir), *[f"--var={v}" for v in variables]]
 
     bad = subprocess.run(["bash", "device/start_recipe.sh", "recipes/m1.toml", "--var", "nope=1"],
