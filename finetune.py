@@ -73,13 +73,23 @@ PRESETS = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, except None (an unset flag, or one its preset sets)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def from_preset(name: str) -> str:
+    return "(" + ", ".join(f"{preset}: {values[name]}" for preset, values in PRESETS.items()) + ")"
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("train", help="train (or continue) a LoRA adapter on a manifest split",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    preset = "(default: from --preset)"
+                            formatter_class=HelpFormatter)
     p.add_argument("--manifest", default="runs/smoltalk_v1/manifest.json",
                    help="main or continuation manifest")
     p.add_argument("--train-split", default="train_base", help="split to train on")
@@ -102,7 +112,8 @@ def parse_args(argv=None):
                    help="tokens per row; longer rows are truncated on the right")
     p.add_argument("--seed", type=int, default=42, help="seed for LoRA init and row order")
     p.add_argument("--epochs", type=float, default=None,
-                   help=f"passes over the split (in supervised tokens with --step-tokens) {preset}")
+                   help="passes over the split (in supervised tokens with --step-tokens) "
+                        + from_preset("epochs"))
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many optimizer steps (overrides --epochs)")
     p.add_argument("--step-tokens", type=int, default=None,
@@ -112,36 +123,43 @@ def parse_args(argv=None):
     p.add_argument("--budget-tokens", type=int, default=None,
                    help="stop after this many supervised tokens (overrides --epochs)")
     p.add_argument("--match-split", default=None,
-                   help="budget-match to this split of the manifest: --step-tokens = its supervised "
-                        "tokens / the steps it takes at --batch-size x --gradient-accumulation x "
-                        "processes rows a step, --budget-tokens = --epochs x its supervised tokens "
-                        "(arms that all pass the same split train equal tokens in equal steps)")
-    p.add_argument("--learning-rate", type=float, default=None, help=f"peak learning rate {preset}")
+                   help="budget-match to this split of the manifest: --step-tokens = its "
+                        "supervised tokens / the steps it takes at --batch-size x "
+                        "--gradient-accumulation x processes rows a step, --budget-tokens = "
+                        "--epochs x its supervised tokens (arms that all pass the same split "
+                        "train equal tokens in equal steps)")
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help="peak learning rate " + from_preset("learning_rate"))
     p.add_argument("--lr-scheduler", choices=["linear", "cosine", "constant"], default=None,
-                   help=f"decay after the warm-up {preset}")
+                   help="decay after the warm-up " + from_preset("lr_scheduler"))
     p.add_argument("--warmup-ratio", type=float, default=None,
-                   help=f"fraction of the steps with linear warm-up {preset}")
-    p.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay {preset}")
+                   help="fraction of the steps with linear warm-up " + from_preset("warmup_ratio"))
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="AdamW weight decay " + from_preset("weight_decay"))
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
     p.add_argument("--batch-size", type=int, default=None,
-                   help=f"rows per micro-batch, per process (without --step-tokens) {preset}")
+                   help="rows per micro-batch, per process (without --step-tokens) "
+                        + from_preset("batch_size"))
     p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=None,
                    help="order each epoch's rows as transformers' group_by_length does (shuffled, "
                         "then sorted by length within mega-batches of 50 steps): steps of similar "
-                        f"lengths, little padding {preset}")
+                        "lengths, little padding " + from_preset("group_by_length"))
     p.add_argument("--max-batch-tokens", type=int, default=None,
                    help="refuse to run (before loading the model) if a micro-batch would hold more "
                         "padded tokens than this")
     p.add_argument("--gradient-accumulation", type=int, default=None,
-                   help=f"micro-batches per optimizer step, per process {preset}")
+                   help="micro-batches per optimizer step, per process "
+                        + from_preset("gradient_accumulation"))
     p.add_argument("--keep", choices=["best", "last"], default=None,
-                   help=f"adapter to save: the evaluation with the lowest --eval-split loss, or "
-                        f"the last step {preset}")
+                   help="adapter to save: the evaluation with the lowest --eval-split loss, or "
+                        "the last step " + from_preset("keep"))
     fresh = "(a fresh LoRA; --init continue keeps the adapter's)"
-    p.add_argument("--lora-rank", type=int, default=None, help=f"LoRA rank r {fresh} {preset}")
-    p.add_argument("--lora-alpha", type=float, default=None, help=f"LoRA alpha {fresh} {preset}")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help=f"LoRA rank r {fresh} " + from_preset("lora_rank"))
+    p.add_argument("--lora-alpha", type=float, default=None,
+                   help=f"LoRA alpha {fresh} " + from_preset("lora_alpha"))
     p.add_argument("--lora-dropout", type=float, default=None,
-                   help=f"LoRA dropout {fresh} {preset}")
+                   help=f"LoRA dropout {fresh} " + from_preset("lora_dropout"))
     p.add_argument("--lora-targets", default=DEFAULT_LORA_TARGETS,
                    help=f"comma-separated module names LoRA wraps {fresh}")
     p.add_argument("--gradient-checkpointing", action="store_true",
@@ -172,9 +190,9 @@ def parse_args(argv=None):
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    positive = ["batch_size", "gradient_accumulation", "max_length", "eval_batch_size",
-                "log_every", "lora_rank"]
-    for name in positive + ["max_steps", "step_tokens", "budget_tokens", "max_batch_tokens"]:
+    for name in ("batch_size", "gradient_accumulation", "max_length", "eval_batch_size",
+                 "log_every", "lora_rank", "max_steps", "step_tokens", "budget_tokens",
+                 "max_batch_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -209,7 +227,9 @@ def check_arguments(args) -> tuple[dict, Path]:
         if args.keep_given:
             raise PipelineError("--keep best picks the step with the lowest --eval-split loss; "
                                 "it needs an --eval-split (or pass --keep last)")
-        args.keep = "last"  # the preset's choice, and there is nothing to pick the best by
+        args.keep = "last"
+        print(f"--eval-split none: keeping the last step (preset {args.preset} keeps the best "
+              "evaluation, and there is none)")
     if args.device.startswith("cuda:"):
         raise PipelineError(f"--device {args.device}: the Trainer takes the GPU its launcher "
                             "gives it; set CUDA_VISIBLE_DEVICES instead")
@@ -671,8 +691,8 @@ def run_record(trainer, recorder, plan, args, eval_rows) -> dict:
     return {"optimizer_steps": trainer.state.global_step, "loss_curve": curve, "evals": evals,
             "kept_step": kept_step, "final_eval": final_eval, "rows_seen": sum(rows),
             "supervised_tokens_seen": sum(supervised),
-            # TRL's count: every non-padding token of every micro-batch, over all processes
-            "tokens_seen": int(trainer._total_train_tokens)}
+            # TRL's logged count: every non-padding token of every micro-batch, all processes
+            "tokens_seen": int(train_logs[-1]["num_tokens"])}
 
 
 def write_outputs(staged: Path, output_dir: Path, trainer, recorder, record, plan, args, tokenizer,
@@ -740,6 +760,31 @@ def write_outputs(staged: Path, output_dir: Path, trainer, recorder, record, pla
           f"{record['tokens_seen'] / seconds:.0f} tokens/s{kept})")
 
 
+def check_micro_batches(sampler, rows, args) -> None:
+    """--max-batch-tokens: the Trainer takes a fixed number of micro-batches a step, so a step's
+    rows cannot spill into more of them; an oversized one stops the run before the model loads."""
+    if args.max_batch_tokens is None:
+        return
+    for step, per_process in enumerate(sampler.micro_batches, 1):
+        for batch in (b for process in per_process for b in process):
+            padded = len(batch) * max(len(rows[i]["input_ids"]) for i in batch)
+            if padded > args.max_batch_tokens:
+                raise PipelineError(
+                    f"--max-batch-tokens {args.max_batch_tokens}: a micro-batch of step {step} "
+                    f"holds {len(batch)} row(s), {padded} padded tokens; raise "
+                    "--gradient-accumulation (or lower --batch-size / --step-tokens)")
+
+
+def check_device(device, world: int) -> None:
+    import torch
+
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("--device cuda: no CUDA device is visible")
+    if device.type == "cuda" and world == 1 and torch.cuda.device_count() > 1:
+        raise PipelineError(f"{torch.cuda.device_count()} GPUs visible to one process: launch with "
+                            "torchrun --nproc-per-node N, or set CUDA_VISIBLE_DEVICES to one GPU")
+
+
 def train(args) -> None:
     manifest, output_dir = check_arguments(args)
     tokenizer = load_tokenizer(args.resume_adapter or args.base_model)
@@ -771,29 +816,6 @@ def train(args) -> None:
         if rank == 0:
             shutil.rmtree(staged, ignore_errors=True)
         raise
-
-
-def check_micro_batches(sampler, rows, args) -> None:
-    if args.max_batch_tokens is None:
-        return
-    for step, per_process in enumerate(sampler.micro_batches, 1):
-        for batch in (b for process in per_process for b in process):
-            padded = len(batch) * max(len(rows[i]["input_ids"]) for i in batch)
-            if padded > args.max_batch_tokens:
-                raise PipelineError(
-                    f"--max-batch-tokens {args.max_batch_tokens}: a micro-batch of step {step} "
-                    f"holds {len(batch)} row(s), {padded} padded tokens; raise "
-                    "--gradient-accumulation (or lower --batch-size / --step-tokens)")
-
-
-def check_device(device, world: int) -> None:
-    import torch
-
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("--device cuda: no CUDA device is visible")
-    if device.type == "cuda" and world == 1 and torch.cuda.device_count() > 1:
-        raise PipelineError(f"{torch.cuda.device_count()} GPUs visible to one process: launch with "
-                            "torchrun --nproc-per-node N, or set CUDA_VISIBLE_DEVICES to one GPU")
 
 
 def main(argv=None):
