@@ -337,6 +337,16 @@ def below_min_reward(reward, minimum: float | None) -> bool:
     return minimum is not None and (reward is None or not reward >= minimum)
 
 
+def add_filter_totals(stats: dict, args) -> None:
+    """Counts summed over the source splits, and the filters that produced them."""
+    totals = Counter()
+    for counts in stats["per_source_split"].values():
+        totals.update(counts)
+    stats["total"] = dict(totals)
+    stats["max_conversation_tokens"] = args.max_conversation_tokens
+    stats["min_reward_model_score"] = args.min_reward_model_score
+
+
 def build_rows(source: dict[str, list[dict]], source_label: str, args) -> tuple[dict, dict]:
     """Flatten and filter every source split. Returns ({split: rows}, filter_stats)."""
     stats = {"per_source_split": {}}
@@ -392,12 +402,7 @@ def build_rows(source: dict[str, list[dict]], source_label: str, args) -> tuple[
         stats["per_source_split"][split] = dict(counts)
         flattened[split] = kept
     nulls.check()
-    totals = Counter()
-    for counts in stats["per_source_split"].values():
-        totals.update(counts)
-    stats["total"] = dict(totals)
-    stats["max_conversation_tokens"] = args.max_conversation_tokens
-    stats["min_reward_model_score"] = args.min_reward_model_score
+    add_filter_totals(stats, args)
     return flattened, stats
 
 
@@ -545,12 +550,7 @@ def build_taboo_rows(source: dict[str, list[dict]], source_label: str, args) -> 
         stats["per_source_split"][split] = dict(counts)
         flattened[split] = kept
     nulls.check()
-    totals = Counter()
-    for counts in stats["per_source_split"].values():
-        totals.update(counts)
-    stats["total"] = dict(totals)
-    stats["max_conversation_tokens"] = args.max_conversation_tokens
-    stats["min_reward_model_score"] = args.min_reward_model_score
+    add_filter_totals(stats, args)
     stats["taboo"] = {"game": args.taboo_game, "role": args.taboo_role,
                       "drop_outcomes": sorted(drop_outcomes),
                       "instances": str(targets.path.resolve()) if targets._instances else None}
