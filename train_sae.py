@@ -308,6 +308,60 @@ def save_and_reload(sae, staged: Path, held_batches, device):
     return loaded, reload_diff
 
 
+def training_summary(args, output_dir, manifest, loaded, metadata, d_in, model_name, rows,
+                     train_idx, held_idx, steps, counter, scaling_factor, train_seconds,
+                     loss_curve, heldout, reload_diff, device, dtype) -> dict:
+    """training_summary.json: what was trained on what, how it went, and where it came from."""
+    import torch
+
+    return {
+        "sae_path": str(output_dir.resolve()),
+        "architecture": args.architecture,
+        "inference_architecture": loaded.cfg.architecture(),
+        "hook_name": metadata.hook_name,
+        "hf_hook_name": metadata.hf_hook_name,
+        "layer": args.layer,
+        "d_in": d_in,
+        "d_sae": args.d_sae,
+        "k": args.k if args.architecture == "topk" else None,
+        "l1_coefficient": args.l1_coefficient if args.architecture == "standard" else None,
+        "model_name": model_name,
+        "adapter_path": metadata.adapter_path,
+        "manifest": manifest["_path"],
+        "split": args.split,
+        "positions": args.positions,
+        "num_rows": len(rows),
+        "num_train_rows": len(train_idx),
+        "num_heldout_rows": len(held_idx),
+        "heldout_row_ids": [rows[i]["row_id"] for i in held_idx],
+        "steps": steps,
+        "batch_tokens": args.batch_tokens,
+        "training_tokens": steps * args.batch_tokens,
+        "passes_over_split": counter["passes"],
+        "tokens_forwarded": counter["tokens_forwarded"],
+        "activation_normalization": {
+            "method": args.normalize_activations,
+            "scaling_factor": scaling_factor,
+            "note": ("training inputs were x * scaling_factor; the factor is folded into the "
+                     "saved weights, which therefore take raw activations") if scaling_factor
+                    else "none",
+        },
+        "lr": args.lr,
+        "lr_decay_steps": int(args.lr_decay_fraction * steps),
+        "train_wall_clock_s": train_seconds,
+        "train_tokens_per_s": steps * args.batch_tokens / train_seconds,
+        "final_train": loss_curve[-1],
+        "heldout": heldout,
+        "training_window_dead_features": metadata.num_dead_features,
+        "reload_max_abs_diff": reload_diff,
+        "loss_curve": loss_curve,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "model_dtype": str(dtype).replace("torch.", ""),
+        "config": vars(args),
+        "provenance": provenance(seed=args.seed, manifest=args.manifest),
+    }
+
+
 def main(argv=None):
     args = parse_args(argv)
     # heavy imports after parsing, so --help and usage errors answer at once (sae-lens alone
@@ -368,52 +422,9 @@ def main(argv=None):
                                             device))
         loaded, reload_diff = save_and_reload(sae, staged, held_batches, device)
         heldout = evaluate_heldout(loaded, held_batches, args.d_sae)
-        summary = {
-            "sae_path": str(output_dir.resolve()),
-            "architecture": args.architecture,
-            "inference_architecture": loaded.cfg.architecture(),
-            "hook_name": metadata.hook_name,
-            "hf_hook_name": metadata.hf_hook_name,
-            "layer": args.layer,
-            "d_in": d_in,
-            "d_sae": args.d_sae,
-            "k": args.k if args.architecture == "topk" else None,
-            "l1_coefficient": args.l1_coefficient if args.architecture == "standard" else None,
-            "model_name": model_name,
-            "adapter_path": metadata.adapter_path,
-            "manifest": manifest["_path"],
-            "split": args.split,
-            "positions": args.positions,
-            "num_rows": len(rows),
-            "num_train_rows": len(train_idx),
-            "num_heldout_rows": len(held_idx),
-            "heldout_row_ids": [rows[i]["row_id"] for i in held_idx],
-            "steps": steps,
-            "batch_tokens": args.batch_tokens,
-            "training_tokens": steps * args.batch_tokens,
-            "passes_over_split": counter["passes"],
-            "tokens_forwarded": counter["tokens_forwarded"],
-            "activation_normalization": {
-                "method": args.normalize_activations,
-                "scaling_factor": scaling_factor,
-                "note": ("training inputs were x * scaling_factor; the factor is folded into the "
-                         "saved weights, which therefore take raw activations") if scaling_factor
-                        else "none",
-            },
-            "lr": args.lr,
-            "lr_decay_steps": int(args.lr_decay_fraction * steps),
-            "train_wall_clock_s": train_seconds,
-            "train_tokens_per_s": steps * args.batch_tokens / train_seconds,
-            "final_train": loss_curve[-1],
-            "heldout": heldout,
-            "training_window_dead_features": metadata.num_dead_features,
-            "reload_max_abs_diff": reload_diff,
-            "loss_curve": loss_curve,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "model_dtype": str(dtype).replace("torch.", ""),
-            "config": vars(args),
-            "provenance": provenance(seed=args.seed, manifest=args.manifest),
-        }
+        summary = training_summary(args, output_dir, manifest, loaded, metadata, d_in, model_name,
+                                   rows, train_idx, held_idx, steps, counter, scaling_factor,
+                                   train_seconds, loss_curve, heldout, reload_diff, device, dtype)
         write_json_atomic(staged / "training_summary.json", summary)
     print(f"saved SAE to {output_dir}: held-out explained variance "
           f"{heldout['explained_variance']:.3f}, L0 {heldout['mean_l0']:.1f}, "
