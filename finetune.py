@@ -56,12 +56,13 @@ import shutil
 import time
 from pathlib import Path
 
-from pipeline import (IGNORE_INDEX, PipelineError, base_model_of_adapter, check_adapter_dir,
-                      close_distributed, init_distributed, load_manifest, load_model_with_adapter,
-                      load_split, load_tokenizer, pick_dtype, provenance, publish_dir, run_main,
+from pipeline import (DEFAULT_BASE_MODEL, IGNORE_INDEX, PipelineError, check_adapter_dir,
+                      check_output_dir, close_distributed, init_distributed, load_manifest,
+                      load_model_with_adapter, load_split, load_tokenizer, pick_dtype, provenance,
+                      publish_dir, resolve_base_model, run_main, seed_type, stamp_output,
                       staging_dir, sum_over_processes, tokenize_split, write_json_atomic)
 
-DEFAULT_BASE_MODEL = "google/gemma-3-1b-it"
+SCRIPT = "finetune.py"
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 PRESETS = {
     "seed": dict(learning_rate=1e-4, lr_scheduler="cosine", warmup_ratio=0.0, epochs=3.0,
@@ -110,7 +111,7 @@ def parse_args(argv=None):
                    help="the saved adapter to continue (with --init scratch: only its base model)")
     p.add_argument("--max-length", type=int, default=2048,
                    help="tokens per row; longer rows are truncated on the right")
-    p.add_argument("--seed", type=int, default=42, help="seed for LoRA init and row order")
+    p.add_argument("--seed", type=seed_type, default=42, help="seed for LoRA init and row order")
     p.add_argument("--epochs", type=float, default=None,
                    help="passes over the split (in supervised tokens with --step-tokens) "
                         + from_preset("epochs"))
@@ -212,17 +213,14 @@ def parse_args(argv=None):
 def check_arguments(args) -> tuple[dict, Path]:
     """Flags, paths and splits: every bad input fails here, before tokenization and the model."""
     manifest = load_manifest(args.manifest)
-    output_dir = Path(args.output_dir)
-    if output_dir.exists() and not args.overwrite:
-        raise PipelineError(f"output directory {output_dir} already exists "
-                            "(pass --overwrite to replace it)")
+    output_dir = check_output_dir(args.output_dir, args.overwrite, SCRIPT,
+                                  inputs=[args.manifest, args.resume_adapter])
     args.init = args.init or ("continue" if args.resume_adapter else "scratch")
     if args.init == "continue" and not args.resume_adapter:
         raise PipelineError("--init continue needs --resume-adapter PATH (the adapter to continue)")
     if args.resume_adapter:
         check_adapter_dir(args.resume_adapter)
-        args.base_model = args.base_model or base_model_of_adapter(args.resume_adapter)
-    args.base_model = args.base_model or DEFAULT_BASE_MODEL
+    args.base_model = resolve_base_model(args.base_model, args.resume_adapter)
     if args.eval_split == "none" and args.keep == "best":
         if args.keep_given:
             raise PipelineError("--keep best picks the step with the lowest --eval-split loss; "
@@ -752,6 +750,7 @@ def write_outputs(staged: Path, output_dir: Path, trainer, recorder, record, pla
         "provenance": provenance(seed=args.seed, manifest=args.manifest),
     }
     write_json_atomic(staged / "train_metrics.json", metrics)
+    stamp_output(staged, SCRIPT)
     publish_dir(staged, output_dir)
     kept = (f", kept step {record['kept_step']} (eval loss {record['final_eval']['loss']:.4f})"
             if record["final_eval"] else "")

@@ -207,6 +207,11 @@ def output_writer(path: str | Path) -> str | None:
         return None
 
 
+def stamp_output(folder: str | Path, script: str) -> None:
+    """Mark a (staged) output folder as written by script, for check_output_dir's --overwrite."""
+    (Path(folder) / OUTPUT_STAMP).write_text(json.dumps({"script": script}) + "\n")
+
+
 @contextlib.contextmanager
 def staged_output(final: str | Path, script: str):
     """Yield a fresh sibling temp folder; on success stamp it and rename it onto final (replacing
@@ -214,7 +219,7 @@ def staged_output(final: str | Path, script: str):
     staged = staging_dir(final)
     try:
         yield staged
-        (staged / OUTPUT_STAMP).write_text(json.dumps({"script": script}) + "\n")
+        stamp_output(staged, script)
         publish_dir(staged, final)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)

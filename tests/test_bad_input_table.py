@@ -114,7 +114,7 @@ def run_case(script: str, argv, capsys) -> str:
     assert exit_info.value.code == 2, err[-2000:]
     # ours: "error: ..."; argparse's usage errors: "<prog>: error: ..."
     lines = [line for line in err.strip().splitlines()
-             if re.match(r"^([\w.-]+: )?error: ", line)]
+             if re.match(r"^([\w. -]+: )?error: ", line)]
     assert len(lines) == 1, err[-2000:]
     return lines[0]
 
@@ -193,6 +193,28 @@ CASES = {
     "runner: missing declared input": (
         "run_experiment.py", ["recipes/missing_input.toml", "--dry-run"],
         ["no_such_file.txt"]),
+    # finetune.py (the data-loss cases: the checkout and a run folder must survive)
+    "finetune: output is the working directory": (
+        "finetune.py", ["train", "--manifest", M, "--output-dir", ".", "--overwrite"],
+        ["--output-dir", "working directory"]),
+    "finetune: output is the run folder holding the manifest": (
+        "finetune.py", ["train", "--manifest", M, "--output-dir", "run", "--overwrite"],
+        ["run", "holds the input"]),
+    "finetune: foreign folder with --overwrite": (
+        "finetune.py", ["train", "--manifest", M, "--output-dir", "foreign", "--overwrite"],
+        ["foreign", "not written by finetune.py"]),
+    "finetune: negative seed": (
+        "finetune.py", ["train", "--manifest", M, "--seed", -1], ["--seed"]),
+    # score.py
+    "score: --scores-from into the working directory": (
+        "score.py", ["--manifest", M, "--scores-from", "run/scores", "--output-dir", ".",
+                     "--overwrite"], ["working directory"]),
+    "score: output is the run folder": (
+        "score.py", ["--manifest", M, "--scores-from", "run/scores", "--output-dir", "run",
+                     "--overwrite"], ["run", "holds the input"]),
+    "score: --arms without --scores-from": (
+        "score.py", ["--manifest", M, "--arms", "attribution", "--output-dir", "arms"],
+        ["--arms", "--scores-from"]),
     # eval_loss.py
     "eval_loss: output json is a folder": (
         "eval_loss.py", ["--manifest", M, "--adapter-path", ADAPTER, "--output-json", "run"],
