@@ -102,7 +102,7 @@ from pathlib import Path
 
 from eval_words import mcnemar_exact, pairwise_mcnemar, rate_string
 from pipeline import (PipelineError, load_manifest, load_split, provenance, publish_dir, read_json,
-                      read_jsonl, run_main, staging_dir, write_json_atomic)
+                      read_jsonl, run_main, split_fingerprint, staging_dir, write_json_atomic)
 
 COMPARISONS = {  # name: compare_evals.py's output, per seed folder and (pooled) in the run folder
     "attribution": "compare_top_vs_random.json",
@@ -265,6 +265,27 @@ def train_base_corruption(seed_dir: Path, run_dir: Path) -> dict | None:
     if "corrupted" not in split.column_names:
         return None
     return dict(zip(split["row_id"], map(bool, split["corrupted"])))
+
+
+@functools.lru_cache(maxsize=None)
+def split_content(manifest_path: Path, split: str) -> str | None:
+    manifest = load_manifest(manifest_path)
+    if split not in manifest["splits"]:
+        return None
+    return split_fingerprint(load_split(manifest, split))
+
+
+def check_scores_belong(summary: dict, summary_path: Path, manifest_path: Path | None) -> None:
+    """Refuse scores of other content than the manifest's pool (same row ids, other completions:
+    a corrupted twin's scores would print a planted-signal AUC of chance as a result)."""
+    recorded, split = summary.get("train_fingerprint"), summary.get("train_split")
+    if manifest_path is None or not recorded or not split:
+        return
+    actual = split_content(manifest_path, split)
+    if actual is not None and actual != recorded:
+        raise PipelineError(f"{summary_path} scored other content than split '{split}' of "
+                            f"{manifest_path} (train_fingerprint {recorded} vs {actual}): these "
+                            "scores do not belong to this run")
 
 
 def read_comparison(path: Path) -> dict:
@@ -614,6 +635,7 @@ def attribution_section(seeds: dict[str, Path], run_dir: Path) -> tuple[dict, di
             summary_path = scores_path.parent / "summary.json"
             if summary_path.is_file():
                 summary = read_json(summary_path, "score summary")
+                check_scores_belong(summary, summary_path, manifest_of(folder, run_dir))
                 entry["score_settings"] = {key: summary.get(key) for key in (
                     "score_mode", "preconditioning_mode", "projection_dim", "tokenization_mode")}
             entry["scores_file"] = str(scores_path)

@@ -39,6 +39,13 @@ def template(tmp_path_factory, tiny_model):
     scores.mkdir()
     (scores / "summary.json").write_text(json.dumps({"train_split": "train_base"}))
     (scores / "train_scores.jsonl").write_text("")
+    twin = root / "twin_run"     # the corrupted twin's case: scores of other content, same ids
+    shutil.copytree(root / "run", twin, ignore=shutil.ignore_patterns("base_adapter"))
+    (twin / "seed_1").mkdir()
+    (twin / "scores" / "summary.json").write_text(json.dumps(
+        {"train_split": "train_base", "train_fingerprint": "0" * 64}))
+    (twin / "scores" / "train_scores.jsonl").write_text(
+        json.dumps({"row_id": "x", "score": 1.0, "rank": 1}) + "\n")
     evals = root / "evals"
     evals.mkdir()
     rows = [{"row_id": f"r{i}", "finetuned_nll_sum": 2.0 + i, "supervised_tokens": 4}
@@ -215,6 +222,10 @@ CASES = {
     "score: --arms without --scores-from": (
         "score.py", ["--manifest", M, "--arms", "attribution", "--output-dir", "arms"],
         ["--arms", "--scores-from"]),
+    # report.py
+    "report: scores of other content than the manifest's pool": (
+        "report.py", ["--run-dir", "twin_run", "--output-dir", "rep"],
+        ["twin_run/scores/summary.json", "train_fingerprint", "do not belong"]),
     # eval_loss.py
     "eval_loss: output json is a folder": (
         "eval_loss.py", ["--manifest", M, "--adapter-path", ADAPTER, "--output-json", "run"],
