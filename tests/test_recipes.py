@@ -16,7 +16,8 @@ import pytest
 import run_experiment as rx
 from conftest import ROOT
 
-RECIPES = sorted((ROOT / "recipes").glob("*.toml"))
+# score_variants.toml compares scores on one pool (no seeds, arms or evals): tested on its own below
+RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.toml") if p.stem != "score_variants")
 CHAT_VARS = {"model", "dataset", "dataset_flags", "train_size", "query_size", "eval_size", "k",
              "random_match", "max_length", "eval_batch_size"}
 SEEDS = [1, 2, 3]
@@ -65,7 +66,7 @@ def test_score_once_per_split_and_subsets_per_seed(path, per_seed_split):
     assert by_step and all(seeds == splits for seeds in by_step.values()), by_step
     for task in scoring:
         assert "--scores-only" in task.argv
-        assert "--subset-k" not in task.argv and "--seed" not in task.argv
+        assert "--seed" not in task.argv   # --subset-k only sizes the length diagnostics
         assert flag(task, "--output-dir") in {f"{split_dir(recipe, task.seed)}/scores",
                                               f"{split_dir(recipe, task.seed)}/scores_raw"}
     assert any(flag(t, "--output-dir").endswith("/scores") for t in scoring)
@@ -224,3 +225,23 @@ def test_start_recipe_and_follow_on_the_cpu(tmp_path, tiny_model, chat_jsonl):
     assert any(n.endswith("base_adapter/train_metrics.json") for n in names)
     assert any(n.endswith("logs/eval_base.log") for n in names)
     assert not [n for n in names if n.endswith((".safetensors", ".arrow"))]
+
+
+def test_score_variants_recipe_runs_bergson_once_per_loss_reduction():
+    """Two bergson passes (sum and mean loss, gradients kept); every other variant recomputed
+    from the pass with its loss reduction; the table reads all eight."""
+    recipe = rx.load_recipe(ROOT / "recipes" / "score_variants.toml", None, None, [])
+    tasks = rx.plan_tasks(recipe)
+    score = [t for t in tasks if t.argv[0] == "score.py"]
+    passes = [t for t in score if "--gradients-from" not in t.argv]
+    assert sorted(t.step for t in passes) == ["score_none_sum", "score_seed"]
+    assert all("--keep-gradients" in t.argv for t in passes)
+    reduction = {t.step: flag(t, "--loss-reduction") or "mean" for t in score}
+    for task in score:
+        if task in passes:
+            continue
+        source = flag(task, "--gradients-from")
+        producer = next(t for t in passes if flag(t, "--output-dir") == source)
+        assert reduction[task.step] == reduction[producer.step], task.step
+    table = next(t for t in tasks if t.step == "table")
+    assert table.argv.count("--variant") == len(score) == 8
