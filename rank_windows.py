@@ -24,7 +24,7 @@ from subsets import random_rows
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scores-from", required=True,
+    p.add_argument("--scores-from", default=None,
                    help="score.py --output-dir (train_scores.jsonl and summary.json)")
     add_alias(p, "--scores-dir", "scores_from")
     p.add_argument("--output", required=True, help="path of the manifest to write")
@@ -37,7 +37,10 @@ def parse_args(argv=None):
                                             "(repeatable)")
     p.add_argument("--seed", type=seed_type, default=42, help="seed of the random splits")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.scores_from:  # not argparse's required=: the old spelling --scores-dir counts too
+        p.error("the following arguments are required: --scores-from")
+    return args
 
 
 def read_ranking(scores_from: Path) -> tuple[list[str], dict]:

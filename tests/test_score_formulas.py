@@ -249,7 +249,7 @@ def test_gradients_from_rescores_without_bergson(runs, tmp_path):
     rows = [json.loads(line) for line in (out / "train_scores.jsonl").open()]
     np.testing.assert_allclose([r["score"] for r in rows], expected, rtol=1e-6)
     assert {p.name for p in out.iterdir()} == {"train_scores.jsonl", "summary.json",
-                                               "bergson_data"}
+                                               "bergson_data", ".written_by.json"}
     assert "in_top_k" not in rows[0] and sorted(r["rank"] for r in rows) == list(range(1, 25))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["gradients_from"] == str(outs["mean"].resolve())
