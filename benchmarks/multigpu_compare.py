@@ -15,7 +15,6 @@ missing is left out with a note.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path

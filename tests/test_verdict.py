@@ -321,7 +321,6 @@ def test_every_arm_and_design_is_trained_and_evaluated_alike():
     assert flag(arms_task, "--arms").split(",") == VERDICT_ARMS
     assert set(VERDICT_ARMS) <= set(subsets.ARMS)
     assert flag(arms_task, "--arm-scores") == "attribution_raw=runs/v/scores_raw"
-    reference = None
     for seed in (1, 2, 3, 4, 5):
         assert flag(by_key[f"arms@seed{seed}"], "--seed") == str(seed)  # random arms redraw
         for design in DESIGNS:
