@@ -73,7 +73,9 @@ once on GPU 0, one on GPU 1); with --jobs N as well the list is cycled to N slot
 --jobs 5: five slots on GPU 0; --gpus 0,1 --jobs 4: 0,1,0,1), and N below the list's length is
 an error (a listed GPU would go unused). A step runs with CUDA_VISIBLE_DEVICES set to its slot's
 id, the id as written (so it names a GPU in the runner's own numbering of the machine); without
---gpus the runner sets nothing and every step sees what the runner sees. Each start and end is
+--gpus the runner sets nothing and every step sees what the runner sees. With more than one slot a
+step also gets OMP_NUM_THREADS = cores // slots (unless the runner's environment sets it), so N
+steps at once don't each start a thread per core. Each start and end is
 one `[runner]` line with the slot, its GPU and the clock time. With --jobs 1 the first failure
 stops the run, as above; with N > 1 a failure stops only the tasks that depend on it (directly or
 through others), the rest run on, and the run ends with exit 1 (2 if every failure was an input
@@ -768,8 +770,8 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def start_task(task: Task, python: str, run_dir: Path,
-               gpu: str | None) -> tuple[subprocess.Popen, Path]:
+def start_task(task: Task, python: str, run_dir: Path, gpu: str | None,
+               n_slots: int = 1) -> tuple[subprocess.Popen, Path]:
     script = repo_path(task.argv[0])
     if not script.is_file():
         raise StepFailed(f"step {task.step}: script {task.argv[0]} does not exist")
@@ -778,6 +780,10 @@ def start_task(task: Task, python: str, run_dir: Path,
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
+    if n_slots > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # N steps at once would each start a thread per core for torch's CPU ops and fight over
+        # the cores; the CPU side of a GPU step (kernel launches, collation) needs one or two
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n_slots))
     with open(log_path, "w") as log:  # the step keeps its own copy of the file descriptor
         log.write(f"$ {shlex.join([python, *task.argv])}\n")
         log.flush()
@@ -937,7 +943,8 @@ class Scheduler:
             fp = fingerprint(task)  # inputs as they are before the step runs
             start = time.time()
             try:
-                step, log_path = start_task(task, self.python, self.run_dir, self.slots[slot])
+                step, log_path = start_task(task, self.python, self.run_dir, self.slots[slot],
+                                             len(self.slots))
             except StepFailed as err:
                 self.free = sorted([slot, *self.free])
                 self.fail(i, err, f"not started: {err}")

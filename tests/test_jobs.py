@@ -29,7 +29,8 @@ name, events = opts["--name"][0], pathlib.Path(opts["--events"][0])
 
 def log(event):
     line = json.dumps({"name": name, "event": event, "t": time.time(), "pid": os.getpid(),
-                       "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")})
+                       "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                       "omp": os.environ.get("OMP_NUM_THREADS")})
     fd = os.open(events, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     os.write(fd, (line + "\n").encode())
     os.close(fd)
@@ -338,3 +339,17 @@ def test_each_step_sees_its_gpu_slot(tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert bad.stderr.startswith("error: --jobs 2 is fewer than the 3 slots of --gpus 0,1,2")
     assert not (tmp_path / "bad").exists()
+
+
+def test_steps_at_once_share_the_cores(tmp_path):
+    """With N slots each step gets cores // N torch threads, unless the caller chose a number."""
+    recipe = write_recipe(tmp_path, {"s1": {}, "s2": {}})
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    ok(run(recipe, "--jobs", 2, env=env))
+    assert {e["omp"] for e in events(tmp_path)} == {str(max(1, os.cpu_count() // 2))}
+    (tmp_path / "events.jsonl").unlink()
+    ok(run(recipe, "--jobs", 2, "--run-dir", tmp_path / "own", env=dict(env, OMP_NUM_THREADS="3")))
+    assert {e["omp"] for e in events(tmp_path)} == {"3"}
+    (tmp_path / "events.jsonl").unlink()
+    ok(run(recipe, "--run-dir", tmp_path / "one", env=env))    # --jobs 1: left as it is
+    assert {e["omp"] for e in events(tmp_path)} == {None}
