@@ -9,11 +9,15 @@ The first --rows rows of --split become a bench manifest; each step runs as the 
 
   finetune.py train  vs  bare fwd+bwd: the same LoRA config, bf16 weights, token-budget batches
                         (length-sorted, --floor-batch-tokens), logits only at supervised positions,
-                        no optimizer; MFU = 6 * params * tokens / time / --peak-tflops
+                        no optimizer
   score.py           vs  bergson Score called directly (same data, query index, settings) and the
                         bare fwd+bwd of benchmarks/score_speed.py over bergson's own batches
   eval_loss.py       vs  bare bf16 forward (no grad, one logit per row) over token-budget batches
   sae_analysis.py    vs  the same bare forward (a conservative floor: the step stops at layer L)
+
+MFU = FLOP/token x params x tokens / time / --peak-tflops, with 4 FLOP/token per parameter for the
+LoRA training loop and for scoring (forward + the backward through activations; the frozen
+weights get no gradient) and 2 for the forward-only steps.
 
 Prints a markdown table and writes bench.json / bench.md to --output-dir. Speed figures live here,
 never in tests.
@@ -38,6 +42,16 @@ from pipeline import (PipelineError, base_model_of_adapter, length_sorted_batche
                       write_selection_manifest)
 
 
+def count_parameters(base_model: str) -> int:
+    """The base model's parameters, from its config on the meta device (no weights loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_model))
+    return sum(p.numel() for p in model.parameters())
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--floor-batch-tokens", type=int, default=8192,
                    help="padded tokens per floor batch")
     p.add_argument("--peak-tflops", type=float, default=989.0,
-                   help="dense bf16 peak of the GPU for MFU (H100 SXM: 989)")
+                   help="dense bf16 peak of the GPU for MFU (H100 / H200 SXM: 989)")
     p.add_argument("--steps", default="finetune,score,eval_loss,sae_analysis",
                    help="comma-separated subset of the steps")
     p.add_argument("--output-dir", default="runs/bench", help="bench manifest, outputs, table")
@@ -168,8 +182,13 @@ def main(argv=None) -> None:
     supervised = sum(r["num_supervised_tokens"] for r in rows)
     table = {}
 
-    def add(name, seconds, floor_seconds, extra=None):
+    n_params = count_parameters(base_model)
+
+    def add(name, seconds, floor_seconds, flop_per_token, extra=None):
+        mfu = lambda s: flop_per_token * n_params * tokens / s / (args.peak_tflops * 1e12)  # noqa: E731
         table[name] = {"seconds": seconds, "tokens_per_second": tokens / seconds,
+                       "flop_per_token_per_parameter": flop_per_token, "mfu": mfu(seconds),
+                       "floor_mfu": mfu(floor_seconds) if floor_seconds else None,
                        "floor_seconds": floor_seconds,
                        "floor_tokens_per_second": tokens / floor_seconds if floor_seconds else None,
                        "ratio_to_floor": floor_seconds / seconds if floor_seconds else None,
@@ -182,12 +201,9 @@ def main(argv=None) -> None:
                               "--output-dir", out / "ft", "--max-length", args.max_length],
                  out / "logs")
         metrics = json.loads((out / "ft" / "train_metrics.json").read_text())
-        floor_seconds, n_params = floor_train(rows, base_model, args.floor_batch_tokens, device)
-        loop = metrics["train_wall_clock_s"]
-        mfu = lambda s: 6 * n_params * tokens / s / (args.peak_tflops * 1e12)  # noqa: E731
-        add("finetune.py train (training loop)", loop, floor_seconds,
-            {"mfu": mfu(loop), "floor_mfu": mfu(floor_seconds),
-             "peak_gpu_memory_gib": metrics.get("peak_gpu_memory_gib")})
+        floor_seconds, _ = floor_train(rows, base_model, args.floor_batch_tokens, device)
+        add("finetune.py train (training loop)", metrics["train_wall_clock_s"], floor_seconds, 4,
+            {"peak_gpu_memory_gib": metrics.get("peak_gpu_memory_gib")})
     if "score" in steps:
         from benchmarks.score_speed import timed_direct_bergson, timed_floor
 
@@ -206,9 +222,9 @@ def main(argv=None) -> None:
         direct = timed_direct_bergson(summary, out / "score", tmp)
         floor_seconds, _ = timed_floor(summary, out / "score", tmp / "adapter", 1)
         ours = summary["stage_seconds"]["train_scoring"]
-        add("score.py (train scoring stage)", ours, floor_seconds,
+        add("score.py (train scoring stage)", ours, floor_seconds, 4,
             {"vs_direct_bergson": direct / ours, "whole_run_seconds": summary["total_seconds"]})
-        add("bergson Score, called directly", direct, floor_seconds)
+        add("bergson Score, called directly", direct, floor_seconds, 4)
     if "eval_loss" in steps:
         run_step("eval_loss", ["eval_loss.py", "--manifest", manifest, "--eval-split", "bench",
                                "--adapter-path", args.adapter_path, "--skip-base",
@@ -216,7 +232,7 @@ def main(argv=None) -> None:
                                "--output-json", out / "eval.json"], out / "logs")
         result = json.loads((out / "eval.json").read_text())
         forward_floor = floor_forward(rows, base_model, args.floor_batch_tokens, device)
-        add("eval_loss.py (adapter pass)", result["finetuned"]["wall_clock_s"], forward_floor)
+        add("eval_loss.py (adapter pass)", result["finetuned"]["wall_clock_s"], forward_floor, 2)
     if "sae_analysis" in steps and args.sae_path:
         run_step("sae_analysis", ["sae_analysis.py", "--manifest", manifest, "--split", "bench",
                                   "--sae-path", args.sae_path, "--base-model", base_model,
@@ -225,7 +241,7 @@ def main(argv=None) -> None:
         summary = json.loads((out / "sae" / "summary.json").read_text())
         if forward_floor is None:
             forward_floor = floor_forward(rows, base_model, args.floor_batch_tokens, device)
-        add("sae_analysis.py (features)", summary["wall_clock_s"], forward_floor)
+        add("sae_analysis.py (features)", summary["wall_clock_s"], forward_floor, 2)
 
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "rows": len(rows), "tokens": tokens,
               "supervised_tokens": supervised, "base_model": base_model,
@@ -233,15 +249,18 @@ def main(argv=None) -> None:
               "table": table, "provenance": provenance(manifest=args.manifest)}
     lines = [f"Device: {result['device']}; {len(rows)} rows, {tokens} tokens "
              f"({supervised} supervised); floors in bf16 with {args.floor_batch_tokens}-token "
-             f"batches.", "", "| step | seconds | tokens/s | floor tokens/s | step / floor |",
-             "| --- | --- | --- | --- | --- |"]
+             f"batches; {n_params / 1e6:.1f}M parameters, MFU against {args.peak_tflops:g} "
+             "TFLOP/s.", "",
+             "| step | seconds | tokens/s | floor tokens/s | step / floor | MFU | floor MFU | "
+             "peak GiB |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in table.items():
+        floor_mfu = f"{row['floor_mfu']:.2%}" if row["floor_mfu"] is not None else "n/a"
+        peak = row.get("peak_gpu_memory_gib")
         lines.append(f"| {name} | {row['seconds']:.1f} | {row['tokens_per_second']:,.0f} | "
-                     f"{row['floor_tokens_per_second']:,.0f} | {row['ratio_to_floor']:.2f} |")
+                     f"{row['floor_tokens_per_second']:,.0f} | {row['ratio_to_floor']:.2f} | "
+                     f"{row['mfu']:.2%} | {floor_mfu} | "
+                     f"{f'{peak:.1f}' if peak is not None else 'n/a'} |")
     for name, row in table.items():
-        if "mfu" in row:
-            lines.append(f"\nMFU (6 x {len(rows)}-row tokens x params): {name} "
-                         f"{row['mfu']:.3%}, floor {row['floor_mfu']:.3%}")
         if "vs_direct_bergson" in row:
             lines.append(f"\nscore.py / direct bergson throughput: {row['vs_direct_bergson']:.3f}")
     write_json_atomic(out / "bench.json", result)
