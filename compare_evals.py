@@ -49,6 +49,19 @@ Arms (the verdict's matrix): --arm NAME=FILES (repeated; FILES a glob over the s
 
 Every arm must have a file in the same seed folders. report.py reads comparisons[arm][baseline].
 
+Taboo word-guessing success (--metric success): the same arm matrix over eval_words.py's JSON
+files, one per seed folder (the arm's model is the one eval_words.py named after the arm, e.g.
+--adapter attribution=...). Per seed and pair (A, baseline): successes of each on the same eval
+episodes, the success-rate difference A - baseline (positive = A better) and the exact McNemar
+test on the discordant episodes (scipy.stats.binomtest(b, b + c, 1/2), two-sided; p = 1 when
+b + c = 0); across seeds the mean difference with the same 95% t-interval over seeds as the loss
+(t_interval). Every success rule the files report (target, reference) gets its own matrix:
+
+    uv run compare_evals.py --metric success --label scratch_k184 \
+        --arm 'attribution=runs/t/seed_*/eval_words_scratch_k184.json' \
+        --arm 'random_outcome_stratified=runs/t/seed_*/eval_words_scratch_k184.json' \
+        --baselines random_outcome_stratified --output-json runs/t/compare_scratch_k184.json
+
 Bad input (a missing or non-finite field, a duplicated row_id, an empty file, no supervised token,
 files over different rows, an arm without a seed another has) stops with one `error:` line naming
 the file and line; exit 2.
@@ -63,7 +76,7 @@ import math
 import warnings
 from pathlib import Path
 
-from pipeline import PipelineError, provenance, run_main, seed_type, write_json_atomic
+from pipeline import PipelineError, provenance, read_json, run_main, seed_type, write_json_atomic
 
 
 def parse_args(argv=None):
@@ -79,6 +92,9 @@ def parse_args(argv=None):
                         "arm); with --baselines, instead of --a/--b")
     p.add_argument("--baselines", nargs="+", default=None, metavar="NAME",
                    help="the arms every other arm is compared with (each one of the --arm names)")
+    p.add_argument("--metric", choices=["loss", "success"], default="loss",
+                   help="loss: eval_loss.py's per-example NLL (default); success: Taboo "
+                        "word-guessing success from eval_words.py's JSON (with --arm/--baselines)")
     p.add_argument("--label", default=None,
                    help="recorded in the output (e.g. the design: scratch, continue)")
     p.add_argument("--column", default="finetuned", choices=["finetuned", "base"],
@@ -92,6 +108,8 @@ def parse_args(argv=None):
 
 def check_mode(args) -> None:
     """--a with --b (one comparison) or --arm with --baselines (the arm matrix)."""
+    if args.metric == "success" and not (args.arm and args.baselines):
+        raise PipelineError("--metric success compares arms: give --arm and --baselines")
     if args.arm or args.baselines:
         if args.a or args.b:
             raise PipelineError("--arm/--baselines replace --a/--b: give one or the other")
@@ -444,6 +462,148 @@ def arm_files(arms: dict[str, list[str]]) -> dict[str, dict[str, Path]]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Taboo word-guessing success (--metric success)
+
+SUCCESS_TEST = ("exact McNemar: scipy.stats.binomtest(b, b + c, 1/2), two-sided, on the "
+                "discordant episodes (b = only A right, c = only the baseline right)")
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value of b vs c discordant pairs; 1.0 when there are none."""
+    from scipy.stats import binomtest
+
+    return 1.0 if b + c == 0 else float(binomtest(int(b), int(b + c), 0.5).pvalue)
+
+
+def read_successes(path: Path, model: str) -> dict:
+    """{row_id: {rule: success}} of one model in one eval_words.py JSON."""
+    result = read_json_file(path)
+    per_row = result.get("per_row")
+    if not isinstance(per_row, dict) or not per_row:
+        raise PipelineError(f"{path} has no per_row block: not eval_words.py's output")
+    if model not in per_row:
+        raise PipelineError(f"{path} has no model '{model}' (it has: {', '.join(per_row)}); "
+                            "name the adapter after the arm (eval_words.py --adapter ARM=PATH)")
+    rules = [r.removeprefix("success_") for r in (per_row[model][0] if per_row[model] else {})
+             if r.startswith("success_")]
+    out = {}
+    for i, row in enumerate(per_row[model]):
+        where = f"{path} per_row.{model}[{i}]"
+        if not isinstance(row, dict) or "row_id" not in row:
+            raise PipelineError(f"{where} has no row_id")
+        missing = [r for r in rules if not isinstance(row.get(f"success_{r}"), bool)]
+        if missing or not rules:
+            raise PipelineError(f"{where} has no boolean success_{(missing or ['<rule>'])[0]}")
+        if row["row_id"] in out:
+            raise PipelineError(f"{where}: row_id {row['row_id']!r} appears twice")
+        out[row["row_id"]] = {r: row[f"success_{r}"] for r in rules}
+    if not out:
+        raise PipelineError(f"{path}: model '{model}' has no rows")
+    return out
+
+
+def read_json_file(path: Path) -> dict:
+    if not Path(path).is_file():
+        raise PipelineError(f"eval_words file {path} does not exist")
+    return read_json(path, "eval_words result")
+
+
+def success_pair(a: dict, b: dict, rule: str) -> dict:
+    ids = sorted(a)
+    xa = [a[i][rule] for i in ids]
+    xb = [b[i][rule] for i in ids]
+    only_a = sum(x and not y for x, y in zip(xa, xb))
+    only_b = sum(y and not x for x, y in zip(xa, xb))
+    return {"rows": len(ids), "a_successes": sum(xa), "b_successes": sum(xb),
+            "a_success_b_fail": only_a, "a_fail_b_success": only_b,
+            "both_success": sum(x and y for x, y in zip(xa, xb)),
+            "rate_difference": (sum(xa) - sum(xb)) / len(ids),
+            "p_mcnemar": mcnemar_exact(only_a, only_b)}
+
+
+def success_seed_level(pairs: list[tuple[str, dict, dict]], rule: str) -> dict:
+    """Per seed the paired success counts and McNemar; across seeds the t-interval of the
+    success-rate difference (the loss's seed-level convention, t_interval)."""
+    import numpy as np
+
+    per_seed = {label: success_pair(a, b, rule) for label, a, b in pairs}
+    labels = list(per_seed)
+    deltas = np.array([per_seed[s]["rate_difference"] for s in labels])
+    mean, low, high, p = t_interval(deltas)
+    finite = bool(np.isfinite(low))
+    return {"seeds": len(labels), "labels": labels, "interval": SEED_INTERVAL,
+            "test": SUCCESS_TEST, "per_seed": per_seed,
+            "rate_difference": {
+                "per_seed_deltas": deltas.tolist(), "mean_delta": float(mean),
+                "sd_over_seeds": float(deltas.std(ddof=1)) if len(deltas) > 1 else None,
+                "ci95_t": [float(low), float(high)] if finite else None,
+                "p_value": float(p) if np.isfinite(p) else None,
+                "ci_excludes_zero": bool(finite and (low > 0 or high < 0)),
+                "seeds_a_better": int((deltas > 0).sum())}}
+
+
+def compare_success(arm_pairs: dict, baselines: list[str]) -> tuple[dict, dict]:
+    """(successes[rule][arm][seed], comparisons[rule][arm][baseline]) for every rule all files
+    report; arm_pairs: {arm: {seed label: eval_words.json}}."""
+    missing = [b for b in baselines if b not in arm_pairs]
+    if missing:
+        raise PipelineError(f"--baselines {missing[0]} is not one of the --arm names "
+                            f"({', '.join(arm_pairs)})")
+    labels = sorted({label for files in arm_pairs.values() for label in files})
+    for arm, files in arm_pairs.items():
+        absent = [label for label in labels if label not in files]
+        if absent:
+            raise PipelineError(f"--arm {arm} has no file in a folder named {absent[0]}")
+    rows = {arm: {label: read_successes(path, arm) for label, path in files.items()}
+            for arm, files in arm_pairs.items()}
+    rules = None
+    for arm, by_label in rows.items():
+        for label, r in by_label.items():
+            found = list(next(iter(r.values())))
+            rules = found if rules is None else [x for x in rules if x in found]
+            if set(r) != set(rows[baselines[0]][label]):
+                raise PipelineError(f"{arm_pairs[arm][label]} and "
+                                    f"{arm_pairs[baselines[0]][label]} cover different eval "
+                                    "episodes: compare runs on the same eval split")
+    successes = {rule: {arm: {label: {"successes": sum(v[rule] for v in r.values()),
+                                      "rows": len(r),
+                                      "rate": sum(v[rule] for v in r.values()) / len(r)}
+                              for label, r in by_label.items()}
+                        for arm, by_label in rows.items()} for rule in rules}
+    comparisons = {rule: {arm: {b: success_seed_level(
+        [(label, rows[arm][label], rows[b][label]) for label in labels], rule)
+        for b in baselines if b != arm} for arm in arm_pairs} for rule in rules}
+    return successes, comparisons
+
+
+def main_success(args) -> None:
+    arm_pairs = arm_files(parse_arms(args.arm))
+    successes, comparisons = compare_success(arm_pairs, args.baselines)
+    first = read_json_file(next(iter(next(iter(arm_pairs.values())).values())))
+    result = {"kind": "success_comparisons", "label": args.label, "metric": "success",
+              "baselines": args.baselines, "rules": list(comparisons),
+              "primary_rule": first.get("success_rule", "target"),
+              "generation": first.get("generation"), "unit": "seed", "interval": SEED_INTERVAL,
+              "test": SUCCESS_TEST,
+              "arms": {arm: {label: str(path.resolve()) for label, path in files.items()}
+                       for arm, files in arm_pairs.items()},
+              "successes": successes, "comparisons": comparisons,
+              "provenance": provenance(seed=args.seed)}
+    if args.output_json:
+        write_json_atomic(args.output_json, result)
+    for rule, matrix in comparisons.items():
+        for arm, against in matrix.items():
+            for baseline, r in against.items():
+                s = r["rate_difference"]
+                t = (f"[{s['ci95_t'][0]:+.4f}, {s['ci95_t'][1]:+.4f}]" if s["ci95_t"]
+                     else "[n/a]")
+                counts = ", ".join(f"{x['a_successes']}-{x['b_successes']} "
+                                   f"(p {x['p_mcnemar']:.2g})" for x in r["per_seed"].values())
+                print(f"{rule}: {arm} - {baseline}: success rate {s['mean_delta']:+.4f} 95% t {t}"
+                      f" over {r['seeds']} seeds; per seed {counts}")
+
+
 def print_seed_level(name: str, r: dict) -> None:
     for key in ("token_weighted", "per_example"):
         s = r[key]
@@ -476,6 +636,9 @@ def main_arms(args) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     check_mode(args)
+    if args.metric == "success":
+        main_success(args)
+        return
     if args.arm:
         main_arms(args)
         return

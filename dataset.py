@@ -14,9 +14,14 @@ without one (a single JSONL, say) has attr_query and eval carved out by whole gr
 
 --task taboo reads playpen-style rows: `messages` (the player's view of one episode) and `meta`
 (game, game_role, experiment, task_id, outcome, model, optionally target_word/related_word). It
-keeps one game and role (default: taboo, WordGuesser), drops aborted episodes, and always carves
-attr_query and eval out by whole target words: no eval word is a target in train_base or
-attr_query, and attr_query shares no word with train_base either. Columns are the chat path's plus
+keeps one game and role (default: taboo, WordGuesser), drops aborted episodes and those with
+meta.special_token_leak (counted in filter_stats), and always carves attr_query and eval out by
+whole target words: no eval word is a target in train_base or attr_query, and attr_query shares no
+word with train_base either. Episodes of a --taboo-train-versions source (default: the 12 v2.0
+words of the 809-episode file's second source) stay together in train_base. With --whole-words the
+held-out sizes are minimums and every episode of a drawn word is kept (the 809-episode file:
+--eval-size 150 gives ~12 eval words); the manifest's `taboo` block lists words, episodes and
+outcomes per split. --text-format flat renders every row as the seed did (see --help). Columns are the chat path's plus
 target_word and related_words, mapped as
   category            = meta.experiment (e.g. high_en; the strata of the sampling)
   difficulty          = the experiment's frequency level (high / medium / low)
@@ -77,8 +82,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import (MANIFEST_SCHEMA_VERSION, PipelineError, SPLIT_COLUMNS, provenance,
-                      relative_to, run_main, seed_type, write_json_atomic)
+from pipeline import (MANIFEST_SCHEMA_VERSION, PipelineError, SPLIT_COLUMNS, TEXT_FORMATS,
+                      provenance, relative_to, run_main, seed_type, write_json_atomic)
 from taboo import (DEFAULT_INSTANCES, frequency_level, load_instances, normalize_word, parse_guess,
                    same_word)
 
@@ -141,6 +146,21 @@ def parse_args(argv=None):
     taboo.add_argument("--taboo-drop-outcomes", default="aborted",
                        help="comma-separated meta.outcome values to drop; '' keeps all "
                             "(default: %(default)s)")
+    taboo.add_argument("--taboo-train-versions", default="paulutsch-playpen-eval",
+                       help="comma-separated meta.clembench_version values whose episodes stay "
+                            "together in train_base, never held out (default: %(default)s, the "
+                            "12 clembench v2.0 words of the second source of the 809-episode "
+                            "file; '' = none)")
+    taboo.add_argument("--whole-words", action="store_true",
+                       help="--query-size and --eval-size are minimums: whole target words go "
+                            "to attr_query, then eval, until each holds at least that many "
+                            "episodes, every episode of a held-out word is kept, and train_base "
+                            "is every other episode (--train-size is then not used)")
+    p.add_argument("--text-format", choices=TEXT_FORMATS, default="chat",
+                   help="how every later step renders a row, recorded per row (column "
+                        "text_format) and in the manifest: chat = the tokenizer's chat template; "
+                        "flat = the seed's Taboo format, each turn 'ROLE: content', turns joined "
+                        "by blank lines, no template (pipeline.tokenize_example; default: chat)")
     corrupt = p.add_argument_group("planted signal (see above)")
     corrupt.add_argument("--corrupt-fraction", type=float, default=0.0,
                          help="fraction of train_base rows whose completion is swapped with "
@@ -163,12 +183,16 @@ def parse_args(argv=None):
     args.dataset_name = args.dataset_name or dataset_name
     if args.dataset_config is None:
         args.dataset_config = dataset_config
+    if args.whole_words and args.task != "taboo":
+        p.error("--whole-words is for --task taboo")
     if args.task == "taboo":
         if args.group_column:
             p.error("--group-column is fixed to the target word with --task taboo")
         args.group_column = "target_word"
         args.taboo_drop_outcomes = [o.strip() for o in args.taboo_drop_outcomes.split(",")
                                     if o.strip()]
+        args.taboo_train_versions = [v.strip() for v in args.taboo_train_versions.split(",")
+                                     if v.strip()]
     return args
 
 
@@ -473,6 +497,7 @@ def build_taboo_rows(source: dict[str, list[dict]], source_label: str, args) -> 
     Returns ({split: rows}, filter_stats) in build_rows' shape, group_key = target word."""
     targets = TabooTargets(args.instances)
     drop_outcomes = set(args.taboo_drop_outcomes)
+    train_versions = set(args.taboo_train_versions)
     stats = {"per_source_split": {}}
     flattened = {}
     nulls = NullValues(source_label, args.drop_null_groups)
@@ -500,6 +525,11 @@ def build_taboo_rows(source: dict[str, list[dict]], source_label: str, args) -> 
             outcome = meta.get("outcome")
             if outcome in drop_outcomes:
                 counts[f"dropped_outcome_{outcome}"] += 1
+                continue
+            # <|end_of_text|> leaked into clues and guesses: the game could not parse them, and
+            # training on them would teach the leak (../shared/data/README.md)
+            if meta.get("special_token_leak"):
+                counts["dropped_special_token_leak"] += 1
                 continue
             prompt, completion, problem = flatten_row(row)
             problem = problem or metadata_type_problem(row)
@@ -532,6 +562,10 @@ def build_taboo_rows(source: dict[str, list[dict]], source_label: str, args) -> 
                 counts["dropped_reward"] += 1
                 continue
             experiment = str(meta["experiment"])
+            version = meta.get("clembench_version")
+            train_only = version in train_versions
+            if train_only:
+                counts[f"train_only_{version}"] += 1
             kept.append({
                 "row_local_index": index,
                 "source_split": split,
@@ -542,7 +576,9 @@ def build_taboo_rows(source: dict[str, list[dict]], source_label: str, args) -> 
                 "quality": str(outcome),
                 "reward_model_score": reward,
                 "conversation_tokens": int(tokens),
-                "group_key": target,
+                # the unit of the split: one target word, or one train-only source as a whole
+                "group_key": f"version:{version}" if train_only else target,
+                "train_only": train_only,
                 "target_word": target,
                 "related_words": related,
             })
@@ -553,6 +589,8 @@ def build_taboo_rows(source: dict[str, list[dict]], source_label: str, args) -> 
     add_filter_totals(stats, args)
     stats["taboo"] = {"game": args.taboo_game, "role": args.taboo_role,
                       "drop_outcomes": sorted(drop_outcomes),
+                      "drop_special_token_leak": True,
+                      "train_only_versions": sorted(train_versions),
                       "instances": str(targets.path.resolve()) if targets._instances else None}
     return flattened, stats
 
@@ -629,6 +667,8 @@ def make_splits(flattened: dict[str, list[dict]], args) -> tuple[dict[str, list[
         policy = {"method": "source_test_split",
                   "description": "train_base from the source's train split; attr_query and eval "
                                  "disjoint rows of its test split"}
+    elif args.task == "taboo":
+        train, query, eval_rows, policy = taboo_splits(flattened, held_out_sizes, rng, args)
     else:
         if not args.group_column:
             raise PipelineError("the source has no 'test' split: pass --group-column (e.g. "
@@ -648,12 +688,49 @@ def make_splits(flattened: dict[str, list[dict]], args) -> tuple[dict[str, list[
                                      "numpy default_rng(seed) draws from sorted row indices",
                    "requested": {"train_base": args.train_size, "attr_query": args.query_size,
                                  "eval": args.eval_size}})
+    if args.task == "taboo" and args.whole_words:
+        policy["minimum"] = {"attr_query": args.query_size, "eval": args.eval_size}
+        policy["requested"] = {"train_base": len(train), "attr_query": len(query),
+                               "eval": len(eval_rows)}
+        policy["stratification"] = "none: --whole-words keeps every episode of every word"
     return {"train_base": train, "attr_query": query, "eval": eval_rows}, policy
 
 
-def finalize_rows(rows: list[dict], group_column: str | None) -> list[dict]:
+def taboo_splits(flattened: dict[str, list[dict]], held_out_sizes: dict[str, int],
+                 rng: np.random.Generator, args):
+    """Whole target words to attr_query, then eval (carve_by_group); the train-only sources
+    (--taboo-train-versions) never take part in the draw and join train_base as a whole. With
+    --whole-words every episode of the carved words is kept; otherwise each split is sampled to
+    its exact size as on the chat path."""
+    all_rows = [r for rows in flattened.values() for r in rows]
+    position = {id(r): i for i, r in enumerate(all_rows)}
+    fixed = [r for r in all_rows if r["train_only"]]
+    pools = carve_by_group([r for r in all_rows if not r["train_only"]], held_out_sizes, rng,
+                           args.group_column)
+    pools["train_base"] = sorted(pools["train_base"] + fixed, key=lambda r: position[id(r)])
+    if args.whole_words:
+        train, query, eval_rows = pools["train_base"], pools["attr_query"], pools["eval"]
+    else:
+        query = stratified_sample(pools["attr_query"], args.query_size, rng, "attr_query")
+        eval_rows = stratified_sample(pools["eval"], args.eval_size, rng, "eval")
+        train = stratified_sample(pools["train_base"], args.train_size, rng, "train_base")
+    policy = {"method": "group_carve_out", "group_column": args.group_column,
+              "description": "whole target words drawn in seeded order for attr_query, then "
+                             "eval; all other words form the training pool; no word is in two "
+                             "splits; episodes of a --taboo-train-versions source stay together "
+                             "in train_base" + (" (--whole-words: every episode of a drawn word "
+                                                "kept)" if args.whole_words else ""),
+              "groups_in_pool": {n: len({r["group_key"] for r in p}) for n, p in pools.items()},
+              "train_only_rows": len(fixed),
+              "train_only_words": sorted({r["target_word"] for r in fixed})}
+    return train, query, eval_rows, policy
+
+
+def finalize_rows(rows: list[dict], group_column: str | None,
+                  text_format: str | None = None) -> list[dict]:
     """The columns every split carries. group_id ends in the row's index, or, with a group
-    column, in the group's value so that rows of one group share it."""
+    column, in the group's value so that rows of one group share it. text_format: the column
+    pipeline.tokenize_split renders each row by (None: no column, the chat template)."""
     out = []
     for row in rows:
         tail = f"g{row['group_key']}" if group_column else str(row["row_local_index"])
@@ -672,6 +749,8 @@ def finalize_rows(rows: list[dict], group_column: str | None) -> list[dict]:
         if "target_word" in row:
             out[-1]["target_word"] = row["target_word"]
             out[-1]["related_words"] = list(row["related_words"])
+        if text_format is not None:
+            out[-1]["text_format"] = text_format
     return out
 
 
@@ -930,6 +1009,7 @@ def taboo_summary(splits: dict[str, list[dict]], filter_stats: dict) -> dict:
         "num_words_per_split": {n: len({r["target_word"] for r in splits[n]}) for n in names},
         "outcomes_per_split": {n: dict(sorted(Counter(str(r["quality"]) for r in splits[n])
                                               .items())) for n in names},
+        "episodes_per_split": {n: len(splits[n]) for n in names},
         "column_mapping": {
             "category": "meta.experiment", "difficulty": "frequency level of the experiment",
             "quality": "meta.outcome", "reward_model_score": "1.0 if outcome == success, else "
@@ -960,7 +1040,12 @@ def main(argv=None):
     else:
         flattened, filter_stats = build_rows(source, source_label, args)
     sampled, split_policy = make_splits(flattened, args)
-    splits = {name: finalize_rows(rows, args.group_column) for name, rows in sampled.items()}
+    # the rendering is decided here once and travels with the rows, so finetune.py, score.py,
+    # eval_loss.py and eval_words.py cannot disagree about it
+    text_format = (args.text_format if args.task == "taboo" or args.text_format != "chat"
+                   else None)
+    splits = {name: finalize_rows(rows, args.group_column, text_format)
+              for name, rows in sampled.items()}
     corruption = None
     if args.corrupt_fraction > 0:
         corruption = corrupt_rows(splits["train_base"], args.corrupt_fraction, args.corrupt_seed)
@@ -1017,6 +1102,7 @@ def build_manifest(args, entries, splits, split_policy, filter_stats, checks, co
         "filter_stats": filter_stats,
         "category_distribution": {n: category_distribution(r) for n, r in splits.items()},
         "checks": checks,
+        "text_format": args.text_format,
         "provenance": provenance(seed=args.seed),
     }
     if corruption is not None:

@@ -4,11 +4,22 @@
       --random-adapter runs/taboo_v1/random_adapter --output-json runs/taboo_v1/eval_words.json
 
 For every row of the split (a manifest written by `dataset.py --task taboo`), each model generates
-the Word Guesser's next reply from the row's prompt messages (chat template with the generation
-prompt; greedy unless --temperature > 0). The reply's first `GUESS: <word>` is parsed (case,
-markdown, quotes and trailing punctuation tolerated); a reply without one is unparseable and
-counts as a failure. A guess succeeds when it equals the row's target word or has the same English
-Snowball stem, clembench's rule.
+the Word Guesser's next reply from the row's prompt messages, rendered as training rendered them
+(pipeline.render_prompt with the row's text_format: the chat template with the generation prompt,
+or the seed's flat `ROLE: content` text; greedy unless --temperature > 0). The reply's first
+`GUESS: <word>` is parsed (case, markdown, quotes and trailing punctuation tolerated); a reply
+without one is unparseable and counts as a failure, unless --generation seed, which reads its first
+word instead.
+
+--generation: default = today's settings (greedy, --max-new-tokens 24, no fallback); seed = the
+seed project's (greedy, 16 new tokens, first-word fallback when the reply has no GUESS).
+
+Success rules (taboo.SUCCESS_RULES), both always computed and reported (models[name].by_rule,
+mcnemar_by_rule, per_row success_target / success_reference); --success-rule picks the one in
+`successes`, `rate`, `summary`, `mcnemar` and per_row `success`:
+  target     the guess equals the row's target word or has its English Snowball stem (clembench)
+  reference  the guess equals the final guess of the reference episode (the row's completion;
+             the seed's rule); a row whose completion has no parseable guess fails under it
 
 The base model is loaded once; the adapters are loaded onto it under their own names and switched
 between, and the base model is evaluated with the adapters switched off.
@@ -28,13 +39,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from compare_evals import mcnemar_exact
 from pipeline import (PipelineError, base_model_of_adapter, check_adapter_dir, check_output_file,
                       length_sorted_batches, load_manifest, load_model_with_adapter, load_split,
-                      load_tokenizer, pick_device, pick_dtype, prompt_messages, provenance,
-                      run_main, seed_type, write_json_atomic)
-from taboo import normalize_word, parse_guess, same_word
+                      load_tokenizer, pick_device, pick_dtype, provenance, render_prompt,
+                      row_text_format, run_main, seed_type, write_json_atomic)
+from taboo import SUCCESS_RULES, normalize_word, parse_guess, read_guess, success
 
 BASE_NAME = "base"
+GENERATIONS = {  # --generation: (max new tokens, first-word fallback)
+    "default": (24, False),
+    "seed": (16, True),
+}
 
 
 def parse_args(argv=None):
@@ -57,8 +73,16 @@ def parse_args(argv=None):
                       help="also evaluate the base model, adapters off (default)")
     base.add_argument("--no-base", dest="include_base", action="store_false",
                       help="evaluate only the adapters")
-    p.add_argument("--max-new-tokens", type=int, default=24,
-                   help="generated tokens per reply; a guess needs few (default: 24)")
+    p.add_argument("--generation", choices=sorted(GENERATIONS), default="default",
+                   help="default: greedy, 24 new tokens, a reply without GUESS fails; seed: the "
+                        "seed project's settings, greedy, 16 new tokens, first-word fallback "
+                        "(default: default)")
+    p.add_argument("--success-rule", choices=sorted(SUCCESS_RULES), default="target",
+                   help="the rule behind successes/rate/mcnemar: target = the target word or its "
+                        "Snowball stem (clembench); reference = the reference episode's final "
+                        "guess (the seed's). Both are always reported (default: target)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generated tokens per reply (default: 24, with --generation seed 16)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0 = greedy decoding (default); > 0 samples at this temperature")
     p.add_argument("--top-p", type=float, default=1.0,
@@ -75,6 +99,11 @@ def parse_args(argv=None):
     p.add_argument("--output-json", default="runs/taboo_v1/eval_words.json",
                    help="result JSON, written atomically (default: %(default)s)")
     args = p.parse_args(argv)
+    default_tokens, args.fallback_first_word = GENERATIONS[args.generation]
+    if args.max_new_tokens is None:
+        args.max_new_tokens = default_tokens
+    if args.generation == "seed" and args.temperature > 0:
+        p.error("--generation seed is greedy: drop --temperature")
     if args.batch_size < 1 or args.max_new_tokens < 1:
         p.error("--batch-size and --max-new-tokens must be at least 1")
     if args.temperature < 0:
@@ -110,16 +139,6 @@ def named_adapters(parser, args) -> dict[str, str]:
 # statistics
 
 
-def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value: under H0 the b + c discordant rows split Binomial(n, 1/2);
-    p = min(1, 2 * P(X <= min(b, c))). Exact integer arithmetic, no scipy needed."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
-    return min(1.0, 2 * tail / 2 ** n)
-
-
 def rate_string(successes: int, total: int) -> str:
     """The seed's form: '62/152 = 0.4079'."""
     return f"{successes}/{total} = {successes / total:.4f}" if total else f"{successes}/0 = n/a"
@@ -151,14 +170,10 @@ def pairwise_mcnemar(outcomes: dict[str, list[bool]]) -> list[dict]:
 
 
 def encode_prompts(tokenizer, rows) -> list[list[int]]:
-    """Chat-template prompt ids, as pipeline.tokenize_example renders a prompt: template text with
-    the generation prompt, tokenized without adding special tokens."""
-    encoded = []
-    for row in rows:
-        text = tokenizer.apply_chat_template(prompt_messages(row["prompt"]), tokenize=False,
-                                             add_generation_prompt=True)
-        encoded.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return encoded
+    """Prompt ids as pipeline.tokenize_example renders a prompt (pipeline.render_prompt, the row's
+    text_format), tokenized without adding special tokens."""
+    return [tokenizer(render_prompt(tokenizer, row["prompt"], row_text_format(row)),
+                      add_special_tokens=False)["input_ids"] for row in rows]
 
 
 def stop_token_ids(tokenizer, model) -> list[int]:
@@ -204,22 +219,34 @@ def generate_replies(model, tokenizer, prompt_ids, args, device, desc) -> list[s
     return replies
 
 
-def score_replies(rows, replies) -> tuple[dict, list[dict]]:
+def rule_summary(per_row: list[dict], rule: str) -> dict:
+    successes = sum(r[f"success_{rule}"] for r in per_row)
+    return {"successes": successes, "rows": len(per_row),
+            "rate": successes / len(per_row) if per_row else None,
+            "summary": rate_string(successes, len(per_row)),
+            "words_with_a_success": len({normalize_word(r["target_word"]) for r in per_row
+                                         if r[f"success_{rule}"]})}
+
+
+def score_replies(rows, replies, rule: str = "target",
+                  fallback_first_word: bool = False) -> tuple[dict, list[dict]]:
+    """Per row the guess and its success under every rule (`success` = under `rule`); the
+    model's summary under `rule`, and under each rule in by_rule."""
     per_row = []
     for row, reply in zip(rows, replies):
-        guess = parse_guess(reply)
-        per_row.append({"row_id": row["row_id"], "target_word": row["target_word"],
-                        "reply": reply, "guess": guess, "parsed": guess is not None,
-                        "success": same_word(guess, row["target_word"])})
-    successes = sum(r["success"] for r in per_row)
-    summary = {
-        "successes": successes, "rows": len(per_row),
-        "rate": successes / len(per_row) if per_row else None,
-        "summary": rate_string(successes, len(per_row)),
-        "unparseable": sum(not r["parsed"] for r in per_row),
-        "words_with_a_success": len({normalize_word(r["target_word"]) for r in per_row
-                                     if r["success"]}),
-    }
+        guess, read = read_guess(reply, fallback_first_word)
+        reference = parse_guess(row["completion"])
+        entry = {"row_id": row["row_id"], "target_word": row["target_word"],
+                 "reference_guess": reference, "reply": reply, "guess": guess,
+                 "parsed": guess is not None, "guess_read": read}
+        for name in SUCCESS_RULES:
+            entry[f"success_{name}"] = success(name, guess, row["target_word"], reference)
+        entry["success"] = entry[f"success_{rule}"]
+        per_row.append(entry)
+    summary = {**rule_summary(per_row, rule), "success_rule": rule,
+               "unparseable": sum(not r["parsed"] for r in per_row),
+               "first_word_fallbacks": sum(r["guess_read"] == "first_word" for r in per_row),
+               "by_rule": {name: rule_summary(per_row, name) for name in SUCCESS_RULES}}
     return summary, per_row
 
 
@@ -264,7 +291,9 @@ def main(argv=None):
     if "target_word" not in split.column_names:
         raise PipelineError(f"split '{args.eval_split}' of {manifest['_path']} has no target_word "
                             "column (write the manifest with dataset.py --task taboo)")
-    rows = split.select_columns(["row_id", "prompt", "target_word"]).to_list()
+    columns = ["row_id", "prompt", "completion", "target_word"] + (
+        ["text_format"] if "text_format" in split.column_names else [])
+    rows = split.select_columns(columns).to_list()
     if args.max_rows:
         rows = rows[:args.max_rows]
     if not rows:
@@ -280,6 +309,7 @@ def main(argv=None):
     dtype = pick_dtype(args.precision, device)
     tokenizer = load_tokenizer(next(iter(args.adapters.values()), base_model))
     prompt_ids = encode_prompts(tokenizer, rows)
+    text_formats = sorted({row_text_format(r) for r in rows})
     model = load_models(base_model, args.adapters, dtype, device)
 
     runs = []
@@ -288,7 +318,7 @@ def main(argv=None):
                      else contextlib.nullcontext()))
     for name in args.adapters:
         runs.append((name, contextlib.nullcontext()))
-    results, per_row, outcomes = {}, {}, {}
+    results, per_row = {}, {}
     for name, context in runs:
         if name != BASE_NAME:
             model.set_adapter(name)
@@ -299,15 +329,20 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - started
-        summary, per_row[name] = score_replies(rows, replies)
+        summary, per_row[name] = score_replies(rows, replies, args.success_rule,
+                                               args.fallback_first_word)
         summary.update(wall_clock_s=seconds, rows_per_s=len(rows) / seconds,
                        adapter_path=(str(Path(args.adapters[name]).resolve())
                                      if name in args.adapters else None))
         results[name] = summary
-        outcomes[name] = [r["success"] for r in per_row[name]]
-        print(f"{name}: {summary['summary']} ({summary['unparseable']} unparseable)")
+        print(f"{name}: {summary['summary']} ({args.success_rule} rule; "
+              + ", ".join(f"{rule} {s['summary']}" for rule, s in summary["by_rule"].items())
+              + f"; {summary['unparseable']} unparseable)")
 
-    tests = pairwise_mcnemar(outcomes)
+    tests_by_rule = {rule: pairwise_mcnemar({name: [r[f"success_{rule}"] for r in rows_]
+                                             for name, rows_ in per_row.items()})
+                     for rule in SUCCESS_RULES}
+    tests = tests_by_rule[args.success_rule]
     for test in tests:
         print(f"McNemar {test['model_a']} vs {test['model_b']}: b={test['a_success_b_fail']} "
               f"c={test['a_fail_b_success']} p={test['p_value']:.4g}")
@@ -319,16 +354,24 @@ def main(argv=None):
         "num_words": len({normalize_word(r["target_word"]) for r in rows}),
         "base_model": base_model,
         "adapters": {name: str(Path(path).resolve()) for name, path in args.adapters.items()},
-        "generation": {"max_new_tokens": args.max_new_tokens, "greedy": args.temperature == 0,
+        "generation": {"preset": args.generation, "max_new_tokens": args.max_new_tokens,
+                       "greedy": args.temperature == 0,
                        "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
-                       "batch_size": args.batch_size, "chat_template": True,
-                       "add_generation_prompt": True, "padding": "left"},
-        "scoring": "first 'GUESS: <word>' of the reply; success = same word or same English "
-                   "Snowball stem as target_word; unparseable replies count as failures",
+                       "batch_size": args.batch_size, "text_format": text_formats,
+                       "chat_template": text_formats == ["chat"],
+                       "add_generation_prompt": True, "padding": "left",
+                       "first_word_fallback": args.fallback_first_word},
+        "success_rule": args.success_rule,
+        "success_rules": SUCCESS_RULES,
+        "scoring": "first 'GUESS: <word>' of the reply" + (
+            ", else its first word" if args.fallback_first_word else
+            "; unparseable replies count as failures") + f"; success by the {args.success_rule} "
+            f"rule: {SUCCESS_RULES[args.success_rule]}",
         "dtype": str(dtype).replace("torch.", ""),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "models": results,
         "mcnemar": tests,
+        "mcnemar_by_rule": tests_by_rule,
         "per_row": per_row,
         "provenance": provenance(seed=args.seed, manifest=args.manifest),
     }

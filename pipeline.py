@@ -313,12 +313,38 @@ def prompt_messages(prompt) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in prompt]
 
 
-def render_prompt_and_completion(tokenizer, prompt, completion: str) -> tuple[str, str]:
-    """Split the chat-template rendering of prompt+completion into the prompt part (ending in the
-    generation prompt) and the completion part (the assistant's text and its end-of-turn marker)."""
+TEXT_FORMATS = ("chat", "flat")  # a split's `text_format` column; no column = chat
+
+
+def flat_turn(message: dict) -> str:
+    return f"{message['role'].upper()}: {message['content']}"
+
+
+def render_prompt(tokenizer, prompt, text_format: str = "chat") -> str:
+    """The text a model continues from: the chat template with the generation prompt, or (flat,
+    the seed project's Taboo format) every turn as `ROLE: content`, turns joined by blank lines,
+    ending in the `ASSISTANT:` cue of the turn to come. eval_words.py generates from this text,
+    so generation sees the prompt that training masked."""
     messages = prompt_messages(prompt)
-    prompt_text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                                add_generation_prompt=True)
+    if text_format == "flat":
+        return "\n\n".join([flat_turn(m) for m in messages] + ["ASSISTANT:"])
+    if text_format != "chat":
+        raise PipelineError(f"text_format {text_format!r}: expected one of "
+                            f"{', '.join(TEXT_FORMATS)} (the split's text_format column, written "
+                            "by dataset.py --text-format)")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def render_prompt_and_completion(tokenizer, prompt, completion: str,
+                                 text_format: str = "chat") -> tuple[str, str]:
+    """Split the rendering of prompt+completion into the prompt part (ending in the generation
+    prompt) and the completion part. chat: the assistant's text and its end-of-turn marker from the
+    chat template; flat: " " + the text + the tokenizer's eos token (as TRL ends a plain-text
+    completion), so the model learns to stop after its guess."""
+    prompt_text = render_prompt(tokenizer, prompt, text_format)
+    if text_format == "flat":
+        return prompt_text, " " + completion + (tokenizer.eos_token or "")
+    messages = prompt_messages(prompt)
     full_text = tokenizer.apply_chat_template(
         messages + [{"role": "assistant", "content": completion}], tokenize=False)
     if not full_text.startswith(prompt_text):
@@ -327,13 +353,16 @@ def render_prompt_and_completion(tokenizer, prompt, completion: str) -> tuple[st
     return prompt_text, full_text[len(prompt_text):]
 
 
-def tokenize_example(tokenizer, prompt, completion: str, max_length: int) -> dict:
+def tokenize_example(tokenizer, prompt, completion: str, max_length: int,
+                     text_format: str = "chat") -> dict:
     """input_ids = prompt ids + completion ids, truncated on the right to max_length;
     labels = -100 over the prompt, the ids themselves over the completion.
 
     Prompt and completion are tokenized separately so the boundary never shifts with merges across
-    it; special tokens come only from the chat template's text, never added twice."""
-    prompt_text, completion_text = render_prompt_and_completion(tokenizer, prompt, completion)
+    it; special tokens come only from the rendered text (chat template, or the flat format's eos),
+    never added twice. text_format: the row's (dataset.py decides it once per run)."""
+    prompt_text, completion_text = render_prompt_and_completion(tokenizer, prompt, completion,
+                                                                text_format)
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
     input_ids = (prompt_ids + completion_ids)[:max_length]
@@ -347,10 +376,16 @@ def tokenize_example(tokenizer, prompt, completion: str, max_length: int) -> dic
     }
 
 
+def row_text_format(row: dict) -> str:
+    """The rendering a row asks for: its text_format column (dataset.py), chat without one."""
+    return row.get("text_format") or "chat"
+
+
 def tokenize_split(dataset, tokenizer, max_length: int, desc: str = "tokenize"):
     """Adds input_ids/labels/num_tokens/num_supervised_tokens/truncated to every row."""
     def tokenize_row(row):
-        return tokenize_example(tokenizer, row["prompt"], row["completion"], max_length)
+        return tokenize_example(tokenizer, row["prompt"], row["completion"], max_length,
+                                row_text_format(row))
 
     return dataset.map(tokenize_row, desc=desc, load_from_cache_file=False)
 

@@ -48,7 +48,21 @@ The verdict's layout (recipes/verdict.toml; <design> is scratch or continue):
                                            score.py --scores-only: length_diagnostics (the
                                            score-length Spearman of attribution / attribution_raw)
 
+The Taboo verdict's layout (recipes/taboo.toml; <label> is <design>_k<k>):
+  <run>/compare_<label>.json               compare_evals.py --metric success: per rule, arm and
+                                           seed the successes, per seed the exact McNemar, over
+                                           seeds the t-interval of the success-rate difference
+  <run>/eval_words_base.json               eval_words.py on the base model, once per split (or
+                                           seed_<s>/eval_words_base.json with per_seed_split)
+
 Sections:
+  Taboo        per design, k, success rule and arm: successes / eval episodes per seed, the mean
+  verdict      over seeds of the success-rate difference against the control (the compare
+               file's first --baselines, e.g. random_outcome_stratified; > 0: the arm is better)
+               with its 95% t-interval over seeds, seeds better, the exact McNemar p per seed;
+               the base model's successes. The sentence names --headline on the files' primary
+               rule: "beats" when the interval lies above 0, "is worse than" when below, else
+               "does not beat".
   Verdict      per design and arm: the mean over seeds of the per-seed token-weighted delta
                against the control arm (--control, default random; < 0: the arm is better) with
                its 95% t-interval over seeds (compare_evals.py's seed_level; the seeds are the
@@ -556,6 +570,118 @@ def verdict_section(seeds: dict[str, Path], run_dir: Path, control: str,
                                 f"{', '.join(d['arms'])}")
     return ({"control": control, "headline": headline, "designs": designs,
              "sentence": verdict_sentence(designs, control, headline)}, missing)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Taboo verdict (compare_evals.py --metric success)
+
+TABOO_VERDICT_KIND = "success_comparisons"
+TABOO_BASE_FILE = "eval_words_base.json"
+
+
+def taboo_verdict_files(run_dir: Path) -> dict[str, tuple[Path, dict]]:
+    found = {}
+    for path in sorted(run_dir.glob(VERDICT_GLOB)):
+        result = read_json(path, "comparison")
+        if result.get("kind") != TABOO_VERDICT_KIND:
+            continue
+        if not isinstance(result.get("comparisons"), dict) or not result["comparisons"]:
+            raise PipelineError(f"{path} has no comparisons: not compare_evals.py --metric "
+                                "success output")
+        found[result.get("label") or path.stem.removeprefix("compare_")] = (path, result)
+    return found
+
+
+def design_and_k(label: str) -> tuple[str, int | None]:
+    match = re.fullmatch(r"(.+)_k(\d+)", label)
+    return (match.group(1), int(match.group(2))) if match else (label, None)
+
+
+def taboo_base(seeds: dict[str, Path], run_dir: Path) -> dict:
+    """{where: {rule: successes, rows}} of the base model's eval_words.py runs (once per split)."""
+    out = {}
+    for label, folder in [("split", run_dir), *seeds.items()]:
+        path = folder / TABOO_BASE_FILE
+        if path.is_file():
+            base = (read_json(path, "Taboo base results").get("models") or {}).get("base")
+            if base:
+                out[label] = {rule: {"successes": r["successes"], "rows": r["rows"]}
+                              for rule, r in (base.get("by_rule") or {}).items()}
+    return out
+
+
+def taboo_judge(interval) -> str:
+    if interval is None:
+        return "cannot be judged against"
+    return "beats" if interval[0] > 0 else "is worse than" if interval[1] < 0 else "does not beat"
+
+
+def taboo_verdict_section(seeds: dict[str, Path], run_dir: Path, headline: str) -> dict:
+    files = taboo_verdict_files(run_dir)
+    if not files:
+        return {}
+    entries = []
+    for label, (path, result) in files.items():
+        design, k = design_and_k(label)
+        control = result["baselines"][0]
+        for rule, matrix in result["comparisons"].items():
+            for arm, counts in result["successes"][rule].items():
+                stat = (matrix.get(arm) or {}).get(control)
+                rd = stat["rate_difference"] if stat else None
+                entries.append({
+                    "file": str(path), "label": label, "design": design, "k": k, "rule": rule,
+                    "primary": rule == result.get("primary_rule"), "arm": arm,
+                    "control": control,
+                    "successes": {s: c["successes"] for s, c in counts.items()},
+                    "rows": {s: c["rows"] for s, c in counts.items()},
+                    "mean_delta": rd["mean_delta"] if rd else None,
+                    "ci95_t": rd["ci95_t"] if rd else None,
+                    "seeds_better": rd["seeds_a_better"] if rd else None,
+                    "seeds": stat["seeds"] if stat else len(counts),
+                    "p_mcnemar": ({s: x["p_mcnemar"] for s, x in stat["per_seed"].items()}
+                                  if stat else None),
+                    "verdict": taboo_judge(rd["ci95_t"]) if rd else None})
+    clauses = []
+    for e in entries:
+        if e["arm"] == headline and e["primary"] and e["verdict"]:
+            where = f"{DESIGN_PHRASE.get(e['design'], 'in design ' + e['design'])}"
+            where += f" at k = {e['k']}" if e["k"] else ""
+            clauses.append(f"{e['verdict']} {e['control'].replace('_', ' ')} {where} "
+                           f"(Δ success rate {e['mean_delta']:+.3f} {fmt_interval(e['ci95_t'])} "
+                           f"over {e['seeds']} seeds, {e['seeds_better']}/{e['seeds']} better; "
+                           f"{e['rule']} rule)")
+    sentence = (f"Taboo: {headline.replace('_', ' ').capitalize()} " + "; ".join(clauses) + "."
+                if clauses else f"Taboo: no comparison of arm '{headline}' with a control.")
+    return {"entries": entries, "base": taboo_base(seeds, run_dir), "sentence": sentence,
+            "interval": next(iter(files.values()))[1].get("interval"),
+            "test": next(iter(files.values()))[1].get("test")}
+
+
+def render_taboo_verdict(tv: dict) -> list[str]:
+    lines = ["## Taboo verdict", "", f"**Taboo verdict.** {tv['sentence']}", "",
+             "Successes = won eval episodes per seed (seeds in folder order) out of the eval "
+             "episodes; Δ = arm minus control success rate (> 0: the arm is better), mean over "
+             f"seeds with its 95% {tv['interval']}; McNemar: {tv['test']}, one p per seed.", ""]
+    for where, rules in tv["base"].items():
+        lines.append(f"- base model ({where}): " + ", ".join(
+            f"{rule} rule {r['successes']}/{r['rows']}" for rule, r in rules.items()))
+    if tv["base"]:
+        lines.append("")
+    header = ["design", "k", "rule", "arm", "successes per seed", "Δ success rate vs control "
+              "[95% CI over seeds]", "seeds better", "McNemar p per seed"]
+    rows = []
+    for e in sorted(tv["entries"], key=lambda e: (not e["primary"], e["rule"], e["design"],
+                                                  e["k"] or 0)):
+        n = sorted(set(e["rows"].values()))
+        per_seed = ", ".join(str(v) for v in e["successes"].values()) + \
+            f" / {'/'.join(map(str, n))}"
+        delta = (f"{e['mean_delta']:+.3f} {fmt_interval(e['ci95_t'])}"
+                 if e["mean_delta"] is not None else f"(control: {e['control']})")
+        p = ", ".join(fmt_p(v) for v in e["p_mcnemar"].values()) if e["p_mcnemar"] else ""
+        rows.append([e["design"], e["k"] if e["k"] else "", e["rule"], e["arm"], per_seed, delta,
+                     f"{e['seeds_better']}/{e['seeds']}" if e["seeds_better"] is not None
+                     else "", p])
+    return lines + table(header, rows)
 
 
 def fmt_interval(interval) -> str:
@@ -1067,9 +1193,13 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
     verdict = render_verdict(report["verdict"], plots) if report["verdict"] else []
     smoltalk = ([] if report["verdict"] and not report["smoltalk"]
                 else render_smoltalk(report, plots))
-    taboo = [] if report["verdict"] and not report["taboo"] else render_taboo(report["taboo"],
-                                                                              plots)
-    lines = (render_header(report) + verdict + smoltalk + taboo
+    taboo = ([] if (report["verdict"] or report["taboo_verdict"]) and not report["taboo"]
+             else render_taboo(report["taboo"], plots))
+    taboo_verdict = (render_taboo_verdict(report["taboo_verdict"]) if report["taboo_verdict"]
+                     else [])
+    if report["taboo_verdict"] and not report["verdict"] and not report["smoltalk"]:
+        smoltalk = []
+    lines = (render_header(report) + taboo_verdict + verdict + smoltalk + taboo
              + render_attribution(report["attribution"], plots)
              + render_planted(report["planted_signal"]))
     if report["not_found"]:
@@ -1129,19 +1259,20 @@ def collect(seeds: dict[str, Path], run_dir: Path, control: str = "random",
     verdict, verdict_missing = verdict_section(seeds, run_dir, control, headline)
     smoltalk = smoltalk_section(seeds, run_dir)
     taboo = taboo_section(seeds)
+    taboo_verdict = taboo_verdict_section(seeds, run_dir, headline)
     attribution, planted = attribution_section(seeds, run_dir)
-    if not (verdict or smoltalk or taboo or attribution["per_seed"] or planted):
+    if not (verdict or taboo_verdict or smoltalk or taboo or attribution["per_seed"] or planted):
         raise PipelineError(f"nothing to report in {', '.join(map(str, seeds.values()))}: no "
                             "compare_*.json, eval_words.json, attribution scores, SAE predictor "
                             "rows or corrupted train_base")
     return {"run_dir": str(run_dir),
             "seeds": {label: str(folder) for label, folder in seeds.items()},
-            "verdict": verdict,
+            "verdict": verdict, "taboo_verdict": taboo_verdict,
             "smoltalk": smoltalk, "smoltalk_missing": smoltalk_missing(seeds),
             "eval_loss": eval_loss_section(seeds, run_dir), "taboo": taboo,
             "attribution": attribution, "planted_signal": planted,
             "not_found": sorted(set(verdict_missing)) + not_found(seeds, run_dir, smoltalk,
-                                                                  bool(verdict))}
+                                                                  bool(verdict or taboo_verdict))}
 
 
 def write_plots(staged: Path, report: dict, seeds: dict[str, Path], run_dir: Path) -> dict:
@@ -1193,6 +1324,8 @@ def main(argv=None) -> None:
         raise
     if collected["verdict"]:
         print(collected["verdict"]["sentence"])
+    if collected["taboo_verdict"]:
+        print(collected["taboo_verdict"]["sentence"])
     print(f"wrote {output_dir}/report.md, report.json and {len(plots)} plot(s) "
           f"for {len(seeds)} seed folder(s)")
 

@@ -755,9 +755,12 @@ def write_arms(args, manifest, train_split, scores, num_tokens, num_supervised, 
     reward = (np.array([np.nan if v is None else v for v in train_split["reward_model_score"]],
                        dtype=np.float64)
               if "reward_model_score" in train_split.column_names else None)
+    outcome = (train_split["quality"] if "random_outcome_stratified" in arms
+               and "quality" in train_split.column_names else None)  # Taboo: meta.outcome
     selections = {arm: select_arm(arm, args.subset_k, scores, supervised_tokens=num_supervised,
                                   seed=args.seed, reward=reward, arm_scores=arm_scores,
-                                  allow_overlap=args.allow_overlap) for arm in arms}
+                                  allow_overlap=args.allow_overlap, outcome=outcome)
+                  for arm in arms}
     write_train_scores(staged / "train_scores.jsonl", train_split["row_id"], scores, num_tokens,
                        num_supervised, None)
     selection = {"method": "arms", "source_split": args.train_split, **method,

@@ -9,6 +9,8 @@ Every random draw is numpy `default_rng(seed)`, so the same seed gives the same 
   random_rows                   k rows uniformly at random (the seed project's control)
   token_matched_random_rows     a random run of rows holding the reference's supervised tokens
   length_stratified_random_rows as many rows per length quintile as the reference has
+  outcome_length_stratified_random_rows  as many rows per (outcome, length quintile) cell as the
+                                reference has (Taboo: won / lost episodes x length)
   choose_subsets                top-k plus the control named by --random-match
   select_arm                    one arm of the verdict (ARMS): k rows of the pool by its rule
   summarize_arms                rows, tokens and mean score of each arm (score.py's summary.json)
@@ -39,10 +41,13 @@ ARMS = {  # name: the rule (score.py --arms help; report.py's table)
     "random": "k uniform random rows, outside the reference top-k",
     "random_stratified": "as many random rows per length quintile as the reference top-k",
     "random_tokens": "random rows until the reference top-k's supervised tokens",
+    "random_outcome_stratified": "as many random rows per (outcome, length quintile) cell as the "
+                                 "reference top-k (Taboo: the pool's quality column = "
+                                 "meta.outcome; the seed's control)",
     "longest": "the k rows with the most supervised tokens (ties: lower position)",
     "reward": "the k highest reward_model_score (rows without one never chosen)",
 }
-RANDOM_ARMS = ("random", "random_stratified", "random_tokens")
+RANDOM_ARMS = ("random", "random_stratified", "random_tokens", "random_outcome_stratified")
 SCORE_ARMS = ("attribution_raw", "sae")  # need arm_scores[name]; any other name given there too
 
 
@@ -138,6 +143,33 @@ def length_stratified_random_rows(candidates: list[int], reference: list[int], s
     return sorted(drawn)
 
 
+def outcome_length_stratified_random_rows(candidates: list[int], reference: list[int],
+                                          supervised_tokens, outcome, seed: int,
+                                          allow_overlap: bool,
+                                          n_strata: int = LENGTH_STRATA) -> list[int]:
+    """As many random rows from each (outcome, length quintile) cell of the candidate pool as the
+    reference has in it: for Taboo, the top-k's mix of won and lost episodes and of their lengths
+    (the seed project's control), not its choice of episodes. Length quintiles are the pool's, as
+    in length_stratified_random_rows; outcome is every pool row's label (quality)."""
+    import numpy as np
+
+    stratum = length_strata(candidates, supervised_tokens, n_strata)
+    cell = {r: (str(outcome[r]), stratum[r]) for r in candidates}
+    pool = _outside(candidates, reference, allow_overlap)
+    rng = np.random.default_rng(seed)
+    drawn = []
+    for key in sorted(set(cell.values())):
+        need = sum(1 for r in reference if cell[r] == key)
+        members = [r for r in pool if cell[r] == key]
+        if need > len(members):
+            raise PipelineError(f"arm random_outcome_stratified needs {need} rows of outcome "
+                                f"'{key[0]}' in length quintile {key[1] + 1}, the pool has "
+                                f"{len(members)}" + _overlap_hint(allow_overlap))
+        if need:
+            drawn.extend(rng.choice(np.asarray(members), size=need, replace=False).tolist())
+    return sorted(drawn)
+
+
 def choose_subsets(ranking: list[int], k: int, seed: int, allow_overlap: bool,
                    random_match: str = "rows", supervised_tokens=None):
     """(top-k rows, control rows). The control is drawn among the finitely scored rows (outside
@@ -216,13 +248,15 @@ def _best(values, candidates: list[int], k: int, arm: str, what: str) -> list[in
 
 
 def select_arm(arm: str, k: int, scores, *, supervised_tokens, seed: int = 0, reward=None,
-               arm_scores: dict | None = None, allow_overlap: bool = False) -> list[int]:
+               arm_scores: dict | None = None, allow_overlap: bool = False,
+               outcome=None) -> list[int]:
     """The k (random_tokens: as many as it takes) row positions of one arm, sorted.
 
     scores: the attribution score of every pool row (NaN = unscored; those rows are never
     chosen by any arm). supervised_tokens: every row's supervised tokens. reward: every row's
     reward_model_score (None/NaN never chosen; only the reward arm needs it). arm_scores:
-    {arm name: that arm's score per pool row} for the score arms. seed: the random arms' draw."""
+    {arm name: that arm's score per pool row} for the score arms. seed: the random arms' draw.
+    outcome: every row's outcome label (only random_outcome_stratified needs it)."""
     import numpy as np
 
     check_arms([arm], arm_scores)
@@ -245,8 +279,17 @@ def select_arm(arm: str, k: int, scores, *, supervised_tokens, seed: int = 0, re
             raise PipelineError("arm reward needs the pool's reward_model_score column")
         return _best(_as_float(reward, n, "reward_model_score"), candidates, k, arm,
                      "a reward_model_score")
-    match = {"random": "rows", "random_stratified": "stratified", "random_tokens": "tokens"}[arm]
     reference = top_k_rows(ranking, k)
+    if arm == "random_outcome_stratified":
+        if outcome is None:
+            raise PipelineError("arm random_outcome_stratified needs the pool's outcome column "
+                                "(quality; dataset.py --task taboo writes it)")
+        if len(outcome) != n:
+            raise PipelineError(f"outcome has {len(outcome)} entries, the pool has {n} rows")
+        return outcome_length_stratified_random_rows(candidates, reference,
+                                                     np.asarray(supervised_tokens), list(outcome),
+                                                     seed, allow_overlap)
+    match = {"random": "rows", "random_stratified": "stratified", "random_tokens": "tokens"}[arm]
     return random_control(candidates, reference, k, seed, allow_overlap, match,
                           np.asarray(supervised_tokens))
 

@@ -304,6 +304,47 @@ def parse_guess(reply: str | None) -> str | None:
     return normalize_word(word.group(0).replace("’", "'"))
 
 
+def first_word(reply: str | None) -> str | None:
+    """The reply's first word, lower-cased (the seed project's fallback for a reply without a
+    GUESS marker); None for a reply without a word."""
+    if not reply:
+        return None
+    word = _WORD.search(unicodedata.normalize("NFKC", reply))
+    return normalize_word(word.group(0).replace("’", "'")) if word else None
+
+
+def read_guess(reply: str | None, fallback_first_word: bool = False) -> tuple[str | None, str]:
+    """(guess, how it was read: 'guess_marker', 'first_word' or 'none'). With
+    fallback_first_word a reply without a parseable GUESS gives its first word (the seed's
+    evaluation); without it such a reply has no guess (clembench's)."""
+    guess = parse_guess(reply)
+    if guess is not None:
+        return guess, "guess_marker"
+    if fallback_first_word:
+        guess = first_word(reply)
+        if guess is not None:
+            return guess, "first_word"
+    return None, "none"
+
+
+SUCCESS_RULES = {
+    "target": "the guess equals the target word or has its English Snowball stem (clembench)",
+    "reference": "the guess equals the reference episode's final guess, the row's completion "
+                 "(the seed project's rule; lower-cased, surrounding punctuation ignored, no "
+                 "stemming)",
+}
+
+
+def success(rule: str, guess: str | None, target: str, reference_guess: str | None) -> bool:
+    """One guess judged by one of SUCCESS_RULES."""
+    if rule == "target":
+        return same_word(guess, target)
+    if rule == "reference":
+        return bool(guess) and reference_guess is not None and \
+            normalize_word(guess) == normalize_word(reference_guess)
+    raise PipelineError(f"success rule {rule!r}: expected one of {', '.join(SUCCESS_RULES)}")
+
+
 # ---------------------------------------------------------------------------------------------
 # the describer's clue
 

@@ -133,3 +133,35 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# an 809-episode file shaped like ../shared/data/taboo/taboo_wordguesser_clembench.jsonl.gz:
+# 60 words of one source (2-21 episodes each) and 12 words of a second, v2.0 source
+# (meta.clembench_version paulutsch-playpen-eval), aborted episodes and special-token leaks
+
+PLAYSCHOOL, V2 = "lm-playschool-2026", "paulutsch-playpen-eval"
+
+
+def clembench_like_rows(seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    experiments = ("high_en", "medium_en", "low_en")
+    rows = []
+    words = [(f"word{i:02d}", PLAYSCHOOL, 3 + (i * 7) % 20) for i in range(60)]
+    words += [(f"vtwo{i:02d}", V2, 3 + i % 5) for i in range(12)]
+    for w, (word, version, n) in enumerate(words):
+        experiment = experiments[w % 3]
+        for e in range(n):
+            number = len(rows)
+            outcome = ("aborted" if number % 45 == 7 else
+                       "success" if rng.random() < 0.65 else "lose")
+            row = episode(rng, experiment, w, word, [f"{word}x", f"{word}y", f"{word}z"],
+                          MODELS[e % 3], outcome, with_target=True,
+                          turns=1 if outcome == "success" and rng.random() < 0.5
+                          else rng.randint(1, 3))
+            row["meta"]["clembench_version"] = version
+            if version == V2 and number % 5 == 0:
+                row["meta"]["special_token_leak"] = True
+            rows.append(row)
+    rng.shuffle(rows)
+    return rows

@@ -177,10 +177,11 @@ def test_random_arms_change_with_the_seed_deterministic_arms_do_not():
     rng = np.random.default_rng(5)
     extra = {"attribution_raw": rng.normal(size=len(scores)), "sae": rng.normal(size=len(scores))}
     reward = rng.uniform(size=len(scores)).tolist()
+    outcome = ["success" if i % 3 else "lose" for i in range(len(scores))]  # Taboo's arm
 
     def draw(name, seed):
         return tuple(select_arm(name, 20, scores, supervised_tokens=tokens, seed=seed,
-                                reward=reward, arm_scores=extra))
+                                reward=reward, arm_scores=extra, outcome=outcome))
 
     for name in ARMS:
         per_seed = {draw(name, s) for s in range(6)}

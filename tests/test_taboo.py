@@ -262,6 +262,7 @@ def test_taboo_help_and_group_column_rejected(tmp_path, taboo_source):
     assert result.returncode == 2 and "--group-column" in result.stderr
     out = run_script("eval_words.py", "--help").stdout
     for flag in ("--manifest", "--eval-split", "--top-adapter", "--random-adapter", "--adapter",
+                 "--generation", "--success-rule",
                  "--base-model", "--include-base", "--no-base", "--max-new-tokens",
                  "--temperature", "--seed", "--batch-size", "--device", "--precision",
                  "--output-json"):
@@ -361,3 +362,41 @@ def test_eval_words_bad_input(taboo_e2e, tmp_path, tiny_model):
         assert result.returncode == 2, result.stderr[-2000:]
         assert words in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out.json").exists()
+
+
+def test_eval_words_seed_generation_and_both_rules(taboo_e2e, tiny_model):
+    """--generation seed (16 tokens, first-word fallback) with the reference rule in front; both
+    rules are reported and each per-row success follows its rule."""
+    run_dir, default = taboo_e2e
+    out = run_dir / "eval_words_seed.json"
+    run_script("eval_words.py", "--manifest", run_dir / "manifest.json", "--top-adapter",
+               run_dir / "top_adapter", "--generation", "seed", "--success-rule", "reference",
+               "--batch-size", 4, "--output-json", out)
+    report = load(out)
+    assert report["generation"]["max_new_tokens"] == 16
+    assert report["generation"]["first_word_fallback"] and report["success_rule"] == "reference"
+    from datasets import load_from_disk
+
+    completions = {r["row_id"]: r["completion"]
+                   for r in load_from_disk(str(run_dir / "data" / "eval")).to_list()}
+    for name, model in report["models"].items():
+        rows = report["per_row"][name]
+        assert set(model["by_rule"]) == {"target", "reference"}
+        for rule in ("target", "reference"):
+            assert model["by_rule"][rule]["successes"] == sum(r[f"success_{rule}"] for r in rows)
+        assert model["successes"] == model["by_rule"]["reference"]["successes"]
+        for row in rows:
+            assert row["reference_guess"] == parse_guess(completions[row["row_id"]])
+            assert row["success_target"] == same_word(row["guess"], row["target_word"])
+            assert row["success_reference"] == (row["guess"] is not None
+                                                and row["guess"] == row["reference_guess"])
+            assert row["success"] == row["success_reference"]
+            if row["guess_read"] == "first_word":
+                assert parse_guess(row["reply"]) is None and row["guess"]
+        assert model["unparseable"] == sum(r["guess"] is None for r in rows)
+    assert set(report["mcnemar_by_rule"]) == {"target", "reference"}
+    assert report["mcnemar"] == report["mcnemar_by_rule"]["reference"]
+    # the default run: today's settings, both rules reported beside the target rule
+    assert default["generation"]["preset"] == "default"
+    assert not default["generation"]["first_word_fallback"]
+    assert default["mcnemar"] == default["mcnemar_by_rule"]["target"]
