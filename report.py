@@ -1165,7 +1165,9 @@ def render_sae_predictors(section: dict) -> list[str]:
              "Out of fold: every row predicted by a model that never saw its group. Top-k "
              "overlap: of its top-k, how many are in the attribution top-k (chance in brackets). "
              "AUC: clean (positive) vs planted corrupted rows, 0.5 = chance. Used by: the arm "
-             "that drew its top-k from this predictor, and in how many seeds.", ""]
+             "that drew its top-k from this predictor, and in how many seeds. The line under the "
+             "table compares point estimates (one fit per pooling on one split, no interval).",
+             ""]
     rows = []
     for label, split in section.items():
         for name, e in split["predictors"].items():
