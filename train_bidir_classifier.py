@@ -38,13 +38,13 @@ both sides):
                  prediction with the rows' supervised tokens (length_diagnostics, as score.py's).
                  This prediction is the verdict's `sae` arm (score.py --arms ...,sae
                  --arm-scores sae=<output-root>/row_scores.jsonl takes its top-k).
+  refit          one model on all scored rows (row_scores.jsonl: refit_score, refit_rank): the
+                 prediction for rows without a score; in-sample for the scored rows, so not for
+                 judging the predictor.
 
 Every fit sees only its own rows' targets: with --target-type rank the percentile is recomputed
 among the rows a model is fitted on, so a row's out-of-fold prediction does not move when its own
 score (or its rank among the others) changes; the folds depend on group_id and --seed only.
-  refit          one model on all scored rows (row_scores.jsonl: refit_score, refit_rank): the
-                 prediction for rows without a score; in-sample for the scored rows, so not for
-                 judging the predictor.
 
 metadata_validation.json + .png: Spearman of attribution rank and predicted rank with
 reward_model_score, mean rank by difficulty, quality and category: does the SAE see something the
