@@ -47,6 +47,14 @@ The verdict's layout (recipes/verdict.toml; <design> is scratch or continue):
   <split>/scores/summary.json, scores_raw/summary.json
                                            score.py --scores-only: length_diagnostics (the
                                            score-length Spearman of attribution / attribution_raw)
+  <split>/sae_predictor_<pooling>/summary.json, row_scores.jsonl
+                                           train_bidir_classifier.py on sae_analysis.py's
+                                           features of one pooling (all, completion): out_of_fold
+                                           metrics, pooling, length_diagnostics (the sae arm's
+                                           score-length Spearman); per row the out-of-fold
+                                           predicted_score and the attribution true_score
+  seed_<s>/arms/continuation_manifest.json selection.arm_scores: the file each score arm (sae)
+                                           was drawn from, so the table names the predictor used
 
 The Taboo verdict's layout (recipes/taboo.toml; <label> is <design>_k<k>):
   <run>/compare_<label>.json               compare_evals.py --metric success: per rule, arm and
@@ -75,6 +83,14 @@ Sections:
                names --headline (default attribution): "beats" when its t-interval lies below 0
                and its Holm-adjusted p < 0.05, "is worse than" when above 0 with p < 0.05, else
                "does not beat". A plot: one point per seed per arm.
+  SAE          per split and predictor folder (sae_predictor_<pooling>/): the features' pooling,
+  predictor    the out-of-fold Spearman of the prediction with the attribution rank (every row
+               predicted by a model that never saw its group), how many of its top-k are in the
+               attribution top-k (and the chance expectation), with planted rows the AUC of the
+               prediction and of the attribution score itself for clean vs corrupted, and which
+               arm drew its top-k from it (arms/continuation_manifest.json) in how many seeds;
+               one generated line per split says which pooling predicts the rank better and which
+               separates the planted rows better.
   SmolTalk     per seed, compare_evals.py's top-k minus matched random ("finetuned" losses;
                negative = top-k better): token-weighted and per-example deltas with paired
                bootstrap 95% CIs over eval rows, per-category token-weighted deltas. Pooled:
@@ -131,6 +147,8 @@ EVAL_FILES = {  # continuation adapter: eval_loss.py's result in a seed folder
 }
 SCORES_FILE = Path("attribution") / "train_scores.jsonl"
 SAE_ROWS_FILE = Path("sae_predictor") / "row_scores.jsonl"
+SAE_PREDICTOR_GLOB = "sae_predictor_*"   # the verdict's per-split predictors, one per pooling
+ARMS_MANIFEST_FILE = Path("arms") / "continuation_manifest.json"
 TABOO_FILE = Path("eval_words.json")
 SPLIT_SCORES_FILE = Path("scores") / "train_scores.jsonl"   # the score step's, once per split
 ARMS_SUMMARY_FILE = Path("arms") / "summary.json"
@@ -488,8 +506,21 @@ def arm_training(folder: Path, design: str, arm: str) -> dict | None:
                                               "budget_tokens", "init", "preset")}
 
 
+def arm_score_sources(folder: Path) -> dict[str, Path]:
+    """{arm: the file or folder its scores came from} of a seed's arms step (score.py
+    --arm-scores, recorded in the continuation manifest's selection)."""
+    path = folder / ARMS_MANIFEST_FILE
+    if not path.is_file():
+        return {}
+    selection = read_json(path, "arms manifest").get("selection") or {}
+    return {arm: Path(source) for arm, source in (selection.get("arm_scores") or {}).items()}
+
+
 def score_length_spearman(folder: Path, run_dir: Path, arm: str) -> float | None:
     name = ARM_SCORE_SUMMARY.get(arm)
+    source = arm_score_sources(folder).get(arm) if name is None else None
+    if source is not None:  # e.g. sae: a predictor's row_scores.jsonl, its summary.json beside it
+        name = source.parent.name if source.suffix == ".jsonl" else source.name
     path = split_file(folder, run_dir, f"{name}/summary.json") if name else None
     if path is None:
         return None
@@ -723,6 +754,91 @@ def verdict_sentence(designs: dict, control: str, headline: str) -> str:
     parts = [f"{verb} {control_text if i == 0 else 'it'} {phrase} (Δ eval loss vs {control} "
              f"{delta}; {rest})" for i, (verb, phrase, delta, rest) in enumerate(clauses)]
     return f"{name} " + ", but ".join(parts) + "."
+
+
+def sae_predictor_folders(seeds: dict[str, Path], run_dir: Path) -> list[Path]:
+    """The split folders' predictor folders: the run folder's, and the seeds' (per_seed_split)."""
+    found = {d for folder in [run_dir, *seeds.values()] for d in folder.glob(SAE_PREDICTOR_GLOB)
+             if (d / "summary.json").is_file()}
+    return sorted(found, key=lambda d: (seed_sort_key(d.parent), d.name))
+
+
+def sae_predictor_entry(folder: Path, run_dir: Path) -> dict:
+    """One predictor: its out-of-fold numbers (train_bidir_classifier.py), and with planted rows
+    the AUC of its out-of-fold prediction and of the attribution score it predicts."""
+    summary = read_json(folder / "summary.json", "SAE predictor summary")
+    oof = summary.get("out_of_fold")
+    if not isinstance(oof, dict):
+        raise PipelineError(f"{folder / 'summary.json'} has no out_of_fold: not "
+                            "train_bidir_classifier.py's output")
+    entry = {"folder": str(folder), "pooling": summary.get("pooling"),
+             "rows": summary.get("n_scored"), "spearman": oof.get("spearman"),
+             "k": oof.get("k"), "top_k_overlap": oof.get("top_k_overlap"),
+             "top_k_precision": oof.get("top_k_precision"),
+             "top_k_chance": oof.get("top_k_precision_random_expectation"),
+             "score_length_spearman": (summary.get("length_diagnostics") or {}).get(
+                 "spearman_supervised_tokens"),
+             "planted_auc": None, "attribution_planted_auc": None}
+    corruption = train_base_corruption(folder.parent, run_dir)
+    rows_path = folder / "row_scores.jsonl"
+    if corruption is not None and rows_path.is_file():
+        rows = read_jsonl(rows_path)
+        entry["planted_auc"] = planted_signal(corruption, None, rows)["sae_predictor"][
+            "auc_clean_vs_corrupted"]
+        truth = [(r["true_score"], corruption.get(r["row_id"])) for r in rows
+                 if r.get("true_score") is not None]
+        entry["attribution_planted_auc"] = auc_mann_whitney(
+            [t for t, c in truth if c is False], [t for t, c in truth if c is True])
+    return entry
+
+
+def sae_predictor_section(seeds: dict[str, Path], run_dir: Path) -> dict:
+    """{split label: {"predictors": {folder name: entry}, "comparison": line}}; which arm drew
+    from which predictor, per seed, from the arms step's record."""
+    splits: dict[str, dict] = {}
+    for folder in sae_predictor_folders(seeds, run_dir):
+        label = "run" if folder.parent == run_dir else folder.parent.name
+        entry = sae_predictor_entry(folder, run_dir)
+        entry["used_by"] = {}
+        for seed, seed_folder in seeds.items():
+            split = seed_folder if (seed_folder / folder.name).is_dir() else run_dir
+            if split != folder.parent:
+                continue
+            for arm, source in arm_score_sources(seed_folder).items():
+                if source.parent.name == folder.name:
+                    entry["used_by"].setdefault(arm, []).append(seed)
+        splits.setdefault(label, {"predictors": {}})["predictors"][folder.name] = entry
+    for split in splits.values():
+        split["comparison"] = compare_poolings(split["predictors"])
+    return splits
+
+
+def compare_poolings(predictors: dict) -> str | None:
+    """Which pooling predicts the attribution rank better (out-of-fold Spearman) and which
+    separates the planted rows better (AUC): one line from the numbers, None with one pooling."""
+    by_pooling = {e["pooling"]: e for e in predictors.values() if e["pooling"]}
+    if len(by_pooling) < 2:
+        return None
+
+    def better(key: str, what: str, digits: int = 3) -> str | None:
+        have = {p: e[key] for p, e in by_pooling.items() if e[key] is not None}
+        if len(have) < 2:
+            return None
+        ordered = sorted(have.items(), key=lambda kv: -kv[1])
+        values = " vs ".join(f"{p} {v:.{digits}f}" for p, v in ordered)
+        if ordered[0][1] == ordered[1][1]:
+            return f"the poolings {what} equally well ({values})"
+        return f"`{ordered[0][0]}` {what} better ({values})"
+
+    parts = [better("spearman", "predicts the attribution rank")]
+    planted = better("planted_auc", "separates the planted rows")
+    if planted:
+        reference = next((e["attribution_planted_auc"] for e in by_pooling.values()
+                          if e["attribution_planted_auc"] is not None), None)
+        parts.append(planted + (f"; the attribution score itself: AUC {reference:.3f}"
+                                if reference is not None else ""))
+    parts = [p for p in parts if p]
+    return ("Out of fold, " + "; ".join(parts) + ".") if parts else None
 
 
 def attribution_section(seeds: dict[str, Path], run_dir: Path) -> tuple[dict, dict]:
@@ -1167,6 +1283,38 @@ def render_attribution(attribution: dict, plots: dict[str, str]) -> list[str]:
                     for line in (f"![{key}]({path})", "")]
 
 
+def render_sae_predictors(section: dict) -> list[str]:
+    lines = ["## SAE predictor", "",
+             "A ridge predictor of the attribution rank from per-row SAE features "
+             "(train_bidir_classifier.py), one per pooling of the features: all = every prompt "
+             "and completion token (the seed project's), completion = the supervised tokens. "
+             "Out of fold: every row predicted by a model that never saw its group. Top-k "
+             "overlap: of its top-k, how many are in the attribution top-k (chance in brackets). "
+             "AUC: clean (positive) vs planted corrupted rows, 0.5 = chance. Used by: the arm "
+             "that drew its top-k from this predictor, and in how many seeds. The line under the "
+             "table compares point estimates (one fit per pooling on one split, no interval).",
+             ""]
+    rows = []
+    for label, split in section.items():
+        for name, e in split["predictors"].items():
+            chance = e["top_k_chance"] * e["k"] if e["top_k_chance"] is not None else None
+            used = ", ".join(f"{arm} ({len(seeds)} seed{'s' if len(seeds) != 1 else ''})"
+                             for arm, seeds in e["used_by"].items()) or "-"
+            rows.append([label, name, e["pooling"] or "n/a", fmt(e["rows"]),
+                         fmt(e["spearman"], 3),
+                         f"{e['top_k_overlap']}/{e['k']} ({fmt(chance, 1)})"
+                         if e["k"] else "n/a",
+                         fmt(e["planted_auc"], 3), fmt(e["attribution_planted_auc"], 3),
+                         fmt(e["score_length_spearman"], 3), used])
+    lines += table(["split", "predictor", "pooling", "rows", "out-of-fold Spearman",
+                    "top-k overlap", "planted AUC", "attribution planted AUC",
+                    "score-length Spearman", "used by"], rows)
+    for label, split in section.items():
+        if split["comparison"]:
+            lines.append(f"- {label}: {split['comparison']}")
+    return lines + ([""] if any(s["comparison"] for s in section.values()) else [])
+
+
 def render_planted(planted: dict) -> list[str]:
     lines = ["## Planted signal (corrupted train_base rows)", ""]
     if not planted:
@@ -1191,6 +1339,7 @@ def render_planted(planted: dict) -> list[str]:
 
 def render_markdown(report: dict, plots: dict[str, str]) -> str:
     verdict = render_verdict(report["verdict"], plots) if report["verdict"] else []
+    verdict += render_sae_predictors(report["sae_predictors"]) if report["sae_predictors"] else []
     smoltalk = ([] if report["verdict"] and not report["smoltalk"]
                 else render_smoltalk(report, plots))
     taboo = ([] if (report["verdict"] or report["taboo_verdict"]) and not report["taboo"]
@@ -1237,7 +1386,8 @@ def smoltalk_missing(seeds: dict[str, Path]) -> str:
 def not_found(seeds: dict[str, Path], run_dir: Path, smoltalk: dict, verdict: bool) -> list[str]:
     missing = []
     # a verdict run has no per-seed top-k subsets or top-vs-random comparisons to miss
-    expected = ([SAE_ROWS_FILE] if verdict
+    # (its SAE predictors are per split: the SAE predictor table shows the ones found)
+    expected = ([] if verdict
                 else [SCORES_FILE, SAE_ROWS_FILE, TABOO_FILE, *map(Path, COMPARISONS.values())])
     for label, folder in seeds.items():
         for rel in expected:
@@ -1261,7 +1411,9 @@ def collect(seeds: dict[str, Path], run_dir: Path, control: str = "random",
     taboo = taboo_section(seeds)
     taboo_verdict = taboo_verdict_section(seeds, run_dir, headline)
     attribution, planted = attribution_section(seeds, run_dir)
-    if not (verdict or taboo_verdict or smoltalk or taboo or attribution["per_seed"] or planted):
+    sae_predictors = sae_predictor_section(seeds, run_dir)
+    if not (verdict or taboo_verdict or smoltalk or taboo or attribution["per_seed"] or planted
+            or sae_predictors):
         raise PipelineError(f"nothing to report in {', '.join(map(str, seeds.values()))}: no "
                             "compare_*.json, eval_words.json, attribution scores, SAE predictor "
                             "rows or corrupted train_base")
@@ -1271,6 +1423,7 @@ def collect(seeds: dict[str, Path], run_dir: Path, control: str = "random",
             "smoltalk": smoltalk, "smoltalk_missing": smoltalk_missing(seeds),
             "eval_loss": eval_loss_section(seeds, run_dir), "taboo": taboo,
             "attribution": attribution, "planted_signal": planted,
+            "sae_predictors": sae_predictors,
             "not_found": sorted(set(verdict_missing)) + not_found(seeds, run_dir, smoltalk,
                                                                   bool(verdict or taboo_verdict))}
 

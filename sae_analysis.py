@@ -15,9 +15,14 @@ feature activations are averaged over the pooled tokens:
   --positions all                   every token but the first (the template's first token,
                                     <bos> for Gemma, is an attention sink with an outsized norm)
 
+The seed project pooled every prompt and completion token (all); completion is the default here.
+recipes/verdict.toml computes both (sae_features_all/, sae_features_completion/) and compares the
+predictors fitted on them.
+
 Pooling happens on the device batch by batch; only [batch x d_sae] means reach the CPU. Output:
 <output-dir>/<sae name>.npz with row_id, feature_activation_mean [n, d_sae] float32, one array per
-sample statistic (names in stat_names) and the SAE's per-feature firing frequency; and
+sample statistic (names in stat_names), the SAE's per-feature firing frequency and the pooling
+(positions); and
 <output-dir>/summary.json (hook, SAE, layer, token counts, dead features, throughput, provenance).
 
 Several GPUs: `torchrun --nproc-per-node N sae_analysis.py ...` splits the rows across N processes
@@ -406,6 +411,9 @@ def write_features(args, manifest, rows, encoded, npz_path: Path, seconds: float
         "truncated": np.array([r["truncated"] for r in rows], dtype=bool),
         "feature_frequency": (fire_count / total_pooled).astype(np.float32),
         "stat_names": np.array(STAT_NAMES, dtype=str),
+        # which tokens were pooled: the predictor records it, so two poolings of one split stay
+        # apart after the NPZ has left its folder
+        "positions": np.array(args.positions),
         # the NPZ can travel without its summary.json; this says where it came from
         "provenance_json": np.array(json.dumps(provenance(manifest=args.manifest))),
     }

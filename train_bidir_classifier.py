@@ -7,7 +7,9 @@ attribution rank? And the selection it would make.
 
 Inputs: <score run>/train_scores.jsonl (score.py: row_id, score, rank; rows with a non-finite
 score are excluded and counted) and the NPZ of sae_analysis.py (row_id, feature_activation_mean,
-the sample statistics named in stat_names). Their row ids must be the same set.
+the sample statistics named in stat_names, the pooling in `positions`). Their row ids must be the
+same set. summary.json records the features' pooling (completion or all), so two predictors of
+the same scores on the two poolings can be told apart (report.py's SAE predictor table).
 
 Model: scikit-learn RidgeCV on [sample statistics, SAE feature means], every column standardized
 on the training rows. Feature means go through sign(x)*log1p(|x|) first (--no-log1p turns it off):
@@ -32,10 +34,17 @@ both sides):
   out_of_fold    K-fold CV (--cv-folds; GroupKFold when grouped) gives every scored row a
                  prediction from a model that never saw its group (row_scores.jsonl:
                  predicted_score, predicted_rank, fold); also the overlap of the predicted
-                 top-k with the attribution top-k over the whole split.
+                 top-k with the attribution top-k over the whole split, and the Spearman of the
+                 prediction with the rows' supervised tokens (length_diagnostics, as score.py's).
+                 This prediction is the verdict's `sae` arm (score.py --arms ...,sae
+                 --arm-scores sae=<output-root>/row_scores.jsonl takes its top-k).
   refit          one model on all scored rows (row_scores.jsonl: refit_score, refit_rank): the
                  prediction for rows without a score; in-sample for the scored rows, so not for
                  judging the predictor.
+
+Every fit sees only its own rows' targets: with --target-type rank the percentile is recomputed
+among the rows a model is fitted on, so a row's out-of-fold prediction does not move when its own
+score (or its rank among the others) changes; the folds depend on group_id and --seed only.
 
 metadata_validation.json + .png: Spearman of attribution rank and predicted rank with
 reward_model_score, mean rank by difficulty, quality and category: does the SAE see something the
@@ -192,7 +201,8 @@ def find_npz(args) -> Path:
 
 
 def load_features(path: Path):
-    """row ids, feature means [n, d_sae] and the sample statistics {name: [n]} of an NPZ."""
+    """row ids, feature means [n, d_sae], the sample statistics {name: [n]} of an NPZ and its
+    pooling (sae_analysis.py --positions; None in an NPZ written before it was recorded)."""
     import numpy as np
 
     try:
@@ -220,7 +230,8 @@ def load_features(path: Path):
         stats[name] = arrays[name].astype(np.float64)
     if len(set(row_ids)) != len(row_ids):
         raise PipelineError(f"feature file {path} lists a row_id more than once")
-    return row_ids, means, stats
+    pooling = str(arrays["positions"]) if "positions" in arrays else None
+    return row_ids, means, stats, pooling
 
 
 def check_same_rows(score_ids, score_path, feature_ids, feature_path) -> None:
@@ -472,7 +483,7 @@ def load_inputs(args, manifest):
     (score_path, score_ids, scores, ranks, supervised,
      score_summary) = load_scores(Path(args.scores_from))
     npz_path = find_npz(args)
-    feature_ids, means, stats = load_features(npz_path)
+    feature_ids, means, stats, pooling = load_features(npz_path)
     check_same_rows(score_ids, score_path, feature_ids, npz_path)
     split = load_split(manifest, args.split)
     split_index = {row_id: i for i, row_id in enumerate(split["row_id"])}
@@ -501,17 +512,26 @@ def load_inputs(args, manifest):
     reward = reward_all[included]
     goodness = rank_percentile(ranks[included])
     return SimpleNamespace(
-        score_path=score_path, score_summary=score_summary, npz_path=npz_path,
+        score_path=score_path, score_summary=score_summary, npz_path=npz_path, pooling=pooling,
         feature_ids=feature_ids, n_features=int(means.shape[1]), scores=scores, ranks=ranks,
         supervised=supervised, split=split, split_index=split_index, meta_rows=meta_rows,
         groups_all=groups_all, included=included, n_incl=n_incl, X_all=X_all,
         stat_names=stat_names, live=live, X=X_all[included], groups=groups_all[included],
-        reward=reward, goodness=goodness,
+        reward=reward, goodness=goodness, included_ranks=ranks[included],
         target=goodness if args.target_type == "rank" else scores[included],
         attribution_rank=np.argsort(np.argsort(-goodness, kind="stable"), kind="stable") + 1,
         top_k=min(args.top_k, n_incl - 1),
         reward_X=np.where(np.isfinite(reward), reward, np.nanmean(reward) if np.isfinite(
             reward).any() else 0.0)[:, None])
+
+
+def fit_target(args, d, rows):
+    """The target of a fit on these rows (indices into the scored rows), from their own
+    scores only: the rank percentile among these rows (not among all rows, which would leak the
+    left-out rows' positions into it), or the raw score."""
+    if args.target_type == "rank":
+        return rank_percentile(d.included_ranks[rows])
+    return d.target[rows]
 
 
 def fit_heldout(args, d):
@@ -535,8 +555,8 @@ def fit_heldout(args, d):
         if features.shape[1] == 0:
             heldout[name] = None
             continue
-        model, how = fit_ridge(features[train_idx], d.target[train_idx], d.groups[train_idx],
-                               args)
+        model, how = fit_ridge(features[train_idx], fit_target(args, d, train_idx),
+                               d.groups[train_idx], args)
         pred = model.predict(features[test_idx])
         heldout[name] = {**how, **evaluate(pred, d.target[test_idx], d.goodness[test_idx],
                                            d.top_k, d.n_incl, d.reward[test_idx])}
@@ -560,13 +580,27 @@ def fit_out_of_fold(args, d):
     for fold, (fit_rows, pred_rows) in enumerate(tqdm(list(folder.split(d.X, d.target,
                                                                         d.groups)),
                                                       desc="out-of-fold", unit="fold")):
-        model, how = fit_ridge(d.X[fit_rows], d.target[fit_rows], d.groups[fit_rows], args)
+        model, how = fit_ridge(d.X[fit_rows], fit_target(args, d, fit_rows), d.groups[fit_rows],
+                               args)
         oof[pred_rows] = model.predict(d.X[pred_rows])
         fold_of[pred_rows] = fold
         fold_alphas.append(how["alpha"])
     metrics = evaluate(oof, d.target, d.goodness, d.top_k, d.n_incl, d.reward)
     metrics["alphas"] = fold_alphas
     return oof, fold_of, metrics
+
+
+def length_diagnostics(d, oof) -> dict:
+    """How much of the out-of-fold prediction is row length (score.py's length_diagnostics for
+    the attribution score; report.py's verdict table shows it for the sae arm)."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    tokens = d.supervised[d.included]
+    constant = len(oof) < 3 or min(np.ptp(oof), np.ptp(tokens)) == 0
+    return {"spearman_supervised_tokens": None if constant
+            else float(spearmanr(oof, tokens).statistic),
+            "score": "out-of-fold predicted_score"}
 
 
 def row_score_records(d, oof, fold_of, test_idx, refit_all) -> list[dict]:
@@ -685,6 +719,7 @@ def main(argv=None):
                                                                     "manifest")}
                               if d.score_summary else None),
             "features": str(d.npz_path.resolve()),
+            "pooling": d.pooling,
             "target_type": args.target_type,
             "target_note": ("rank: attribution rank percentile among scored rows, 1 = rank 1"
                             if args.target_type == "rank" else "score: raw attribution score"),
@@ -704,7 +739,10 @@ def main(argv=None):
             "alpha_grid": args.alpha_grid,
             "heldout": heldout,
             "out_of_fold": {"cv_folds": args.cv_folds, "scheme": (
-                "GroupKFold on group_id" if grouped else "KFold"), **oof_metrics},
+                "GroupKFold on group_id" if grouped else "KFold"),
+                "target": ("rank percentile among each fold's fitted rows"
+                           if args.target_type == "rank" else "raw score"), **oof_metrics},
+            "length_diagnostics": length_diagnostics(d, oof),
             "refit": {**refit_how, "n_rows": d.n_incl,
                       "note": "in-sample for scored rows; use predicted_* (out-of-fold) to judge"},
             "selection": selection_info,

@@ -5,6 +5,7 @@ rank, grouped evaluation, metadata validation, selection manifest), offline on t
 import copy
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -441,6 +442,133 @@ def test_selection_manifest_trains_with_finetune(predictor, run_dir, tiny_model,
                MAX_TOKENS)
     metrics = load(tmp_path / "adapter" / "train_metrics.json")
     assert metrics["optimizer_steps"] == 2 and metrics["num_train_rows"] == 16
+
+
+def write_scores(folder, rows, score, fingerprint=None):
+    """score.py's train_scores.jsonl + summary.json for these rows: rank 1 = highest finite score,
+    NaN written as null (unscored)."""
+    order = [i for i in np.argsort(-np.nan_to_num(score, nan=-np.inf), kind="stable")
+             if np.isfinite(score[i])]
+    rank = {int(i): r for r, i in enumerate(order, start=1)}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train_scores.jsonl").write_text("".join(json.dumps({
+        "row_id": row["row_id"], "score": float(score[i]) if np.isfinite(score[i]) else None,
+        "rank": rank.get(i), "num_tokens": 10 + i % 9, "num_supervised_tokens": 5 + i % 7}) + "\n"
+        for i, row in enumerate(rows)))
+    (folder / "summary.json").write_text(json.dumps(
+        {"train_split": "score_pool", "query_split": "attr_query", "manifest": "x",
+         **({"train_fingerprint": fingerprint} if fingerprint else {})}))
+    return folder
+
+
+def scores_of(folder):
+    return np.array([np.nan if r["score"] is None else r["score"]
+                     for r in read_jsonl(folder / "train_scores.jsonl")])
+
+
+def test_out_of_fold_prediction_ignores_the_rows_own_target(predictor, run_dir, tmp_path):
+    """The sae arm's score is the out-of-fold prediction: move one row's attribution score from
+    the bottom to the top and its own prediction stays exactly the same (its folds' models never
+    saw its target, not even through the other rows' rank percentiles), the folds stay the same,
+    while rows of other folds, whose models did see it, move."""
+    out, rows = predictor
+    before = {r["row_id"]: r for r in read_jsonl(out / "row_scores.jsonl")}
+    source = tmp_path / "moved"
+    score = scores_of(Path(load(out / "summary.json")["score_run"]))
+    victim = int(np.nanargmin(score))
+    score[victim] = np.nanmax(score) + 5.0
+    write_scores(source, rows, score)
+    features = Path(load(out / "summary.json")["features"]).parent
+    moved_out = tmp_path / "moved_predictor"
+    run_script("train_bidir_classifier.py", "--manifest", run_dir / "manifest.json",
+               "--scores-from", source, "--sae-dir", features, "--top-k", 24,
+               "--output-root", moved_out, "--seed", 5)
+    after = {r["row_id"]: r for r in read_jsonl(moved_out / "row_scores.jsonl")}
+    row_id = rows[victim]["row_id"]
+    assert before[row_id]["true_rank"] == len([r for r in before.values() if not r["excluded"]])
+    assert after[row_id]["true_rank"] == 1
+    # (approx only for BLAS summation order: a leak of the moved target is orders larger)
+    assert after[row_id]["predicted_score"] == pytest.approx(before[row_id]["predicted_score"],
+                                                             abs=1e-9)
+    assert {r: e["fold"] for r, e in after.items()} == {r: e["fold"] for r, e in before.items()}
+    fold = before[row_id]["fold"]
+    same_fold = [r for r, e in before.items() if e["fold"] == fold]
+    other_folds = [r for r, e in before.items() if e["fold"] not in (fold, None)]
+    assert all(after[r]["predicted_score"] == pytest.approx(before[r]["predicted_score"], abs=1e-9)
+               for r in same_fold)
+    moved = [r for r in other_folds
+             if abs(after[r]["predicted_score"] - before[r]["predicted_score"]) > 1e-6]
+    assert len(moved) > len(other_folds) // 2
+
+
+def test_sae_arm_is_the_top_k_of_the_out_of_fold_prediction(predictor, run_dir, tmp_path):
+    """row_scores.jsonl round-trips through score.py --arms ...,sae --arm-scores sae=PATH: the
+    sae arm is the k rows with the highest out-of-fold predicted_score among the rows with a
+    finite attribution score."""
+    from pipeline import load_manifest, load_split, split_fingerprint
+
+    out, rows = predictor
+    manifest = load_manifest(run_dir / "manifest.json")
+    pool = load_split(manifest, "score_pool")
+    summary = load(out / "summary.json")
+    scores = write_scores(tmp_path / "scores", rows,
+                          scores_of(Path(summary["score_run"])), split_fingerprint(pool))
+    arms = tmp_path / "arms"
+    run_script("score.py", "--manifest", run_dir / "manifest.json", "--scores-from", scores,
+               "--arms", "attribution,sae", "--arm-scores", f"sae={out / 'row_scores.jsonl'}",
+               "--subset-k", 12, "--seed", 1, "--output-dir", arms)
+    picked = load_manifest(arms / "continuation_manifest.json")
+    predicted = [r for r in read_jsonl(out / "row_scores.jsonl")
+                 if r["predicted_score"] is not None]
+    best = sorted(predicted, key=lambda r: -r["predicted_score"])[:12]
+    assert sorted(load_split(picked, "sae")["row_id"]) == sorted(r["row_id"] for r in best)
+    assert sorted(load_split(picked, "sae")["row_id"]) == sorted(
+        r["row_id"] for r in predicted if r["predicted_rank"] <= 12)
+    assert picked["selection"]["arm_scores"]["sae"] == str((out / "row_scores.jsonl").resolve())
+    arm = load(arms / "summary.json")["arms"]["sae"]
+    assert arm["rows"] == 12
+    assert arm["mean_own_score"] == pytest.approx(np.mean([r["predicted_score"] for r in best]))
+    assert sorted(load_split(picked, "attribution")["row_id"]) != \
+        sorted(load_split(picked, "sae")["row_id"])   # the arm is not the attribution top-k
+
+
+def test_both_poolings_on_the_tiny_model(features, run_dir, tiny_model, random_sae, tokenized,
+                                         tmp_path):
+    """sae_analysis.py --positions all and completion on the tiny model, a predictor fitted on
+    each (the verdict's two predictors): the NPZ and the predictor record the pooling, the all
+    pooling averages over every token but the first, both predictors score every pool row."""
+    from datasets import load_from_disk
+
+    all_dir = tmp_path / "sae_features_all"
+    run_script("sae_analysis.py", "--manifest", run_dir / "manifest.json", "--base-model",
+               tiny_model, "--sae-path", random_sae, "--output-dir", all_dir, "--max-length",
+               MAX_TOKENS, "--batch-size", 4, "--positions", "all")
+    npz = {"completion": np.load(features / "jumprelu_random.npz"),
+           "all": np.load(all_dir / "jumprelu_random.npz")}
+    assert {str(v["positions"]) for v in npz.values()} == {"completion", "all"}
+    ids = [str(r) for r in npz["all"]["row_id"]]
+    assert [int(x) for x in npz["all"]["n_tokens_pooled"]] == [
+        tokenized[r]["num_tokens"] - 1 for r in ids]
+    assert not np.allclose(npz["all"]["feature_activation_mean"],
+                           npz["completion"]["feature_activation_mean"])
+    # a target the features can carry: the completion's length, plus noise
+    rows = load_from_disk(str(split_dir(run_dir, "score_pool"))).to_list()
+    rng = np.random.default_rng(1)
+    score = np.array([tokenized[r["row_id"]]["num_supervised_tokens"] for r in rows], float)
+    scores = write_scores(tmp_path / "scores", rows, score + rng.normal(0, 3, len(rows)))
+    for pooling, folder in (("completion", features), ("all", all_dir)):
+        out = tmp_path / f"sae_predictor_{pooling}"
+        run_script("train_bidir_classifier.py", "--manifest", run_dir / "manifest.json",
+                   "--scores-from", scores, "--sae-dir", folder, "--top-k", 24,
+                   "--output-root", out, "--seed", 3)
+        summary = load(out / "summary.json")
+        assert summary["pooling"] == pooling
+        assert summary["out_of_fold"]["target"].startswith("rank percentile among each fold")
+        assert -1 <= summary["out_of_fold"]["spearman"] <= 1
+        assert -1 <= summary["length_diagnostics"]["spearman_supervised_tokens"] <= 1
+        scored = read_jsonl(out / "row_scores.jsonl")
+        assert [r["row_id"] for r in scored] == [r["row_id"] for r in rows]
+        assert all(r["predicted_score"] is not None for r in scored)
 
 
 def expect_error(*args, mentions=()):

@@ -105,7 +105,7 @@ def test_seed_level_by_hand_and_the_two_bootstraps():
 # ---------------------------------------------------------------------------------------------
 # report.py's verdict, on fabricated verdict runs (recipes/verdict.toml's layout)
 
-ARMS = ["attribution", "random", "random_stratified", "longest", "reward"]
+ARMS = ["attribution", "random", "random_stratified", "longest", "reward", "sae"]
 SEEDS = [1, 2, 3, 4, 5]
 EVAL_ROWS = 30
 
@@ -130,7 +130,8 @@ def fabricate_verdict_run(run, effects: dict, steps=None, seeds=SEEDS, k=40):
     for seed in seeds:
         folder = run / f"seed_{seed}"
         subset_tokens = {"attribution": 2000 + seed, "random": 1500 + seed,
-                         "random_stratified": 1900, "longest": 5000, "reward": 1700}
+                         "random_stratified": 1900, "longest": 5000, "reward": 1700,
+                         "sae": 1800}
         (folder / "arms").mkdir(parents=True)
         (folder / "arms" / "summary.json").write_text(json.dumps({"arms": {
             arm: {"rows": k, "supervised_tokens": subset_tokens[arm], "tokens": 9999,
@@ -254,6 +255,92 @@ def test_budget_match_is_visible_in_the_table(tmp_path):
     assert "NOT budget-matched" in md
 
 
+def fabricate_sae_predictors(run, n=60, k=10):
+    """Two predictors as train_bidir_classifier.py leaves them in the verdict's split folder (one
+    per pooling), a train_base with planted rows, and the arms steps' record that the sae arm
+    drew from sae_predictor_all (recorded as an absolute path on another machine)."""
+    from datasets import Dataset
+
+    rng = np.random.default_rng(3)
+    ids = [f"train:{i}" for i in range(n)]
+    corrupted = rng.random(n) < 0.25
+    Dataset.from_dict({"row_id": ids, "prompt": [[{"role": "user", "content": "q"}]] * n,
+                       "completion": ["a"] * n, "corrupted": corrupted.tolist()}).save_to_disk(
+        str(run / "data" / "train_base"))
+    (run / "manifest.json").write_text(json.dumps(
+        {"splits": {"train_base": {"path": "data/train_base", "num_rows": n}}}))
+    truth = rng.normal(size=n) - 2.0 * corrupted
+    truth[0] = np.nan   # an unscored row: no prediction, left out of both AUCs
+    made = {}
+    for pooling, spearman, overlap, noise in (("all", 0.61, 6, 0.3), ("completion", 0.38, 4, 3)):
+        folder = run / f"sae_predictor_{pooling}"
+        folder.mkdir()
+        predicted = truth + noise * rng.normal(size=n)
+        write_jsonl(folder / "row_scores.jsonl", [
+            {"row_id": r, "true_score": None if np.isnan(t) else float(t),
+             "predicted_score": None if np.isnan(t) else float(q)}
+            for r, t, q in zip(ids, truth, predicted)])
+        (folder / "summary.json").write_text(json.dumps({
+            "pooling": pooling, "n_scored": n - 1, "length_diagnostics": {
+                "spearman_supervised_tokens": 0.2 if pooling == "all" else 0.7},
+            "out_of_fold": {"spearman": spearman, "k": k, "top_k_overlap": overlap,
+                            "top_k_precision": overlap / k,
+                            "top_k_precision_random_expectation": k / (n - 1)}}))
+        made[pooling] = (predicted, spearman, overlap)
+    for seed in SEEDS:
+        (run / f"seed_{seed}" / "arms" / "continuation_manifest.json").write_text(json.dumps(
+            {"selection": {"arm_scores": {
+                "sae": "/elsewhere/verdict_alpaca/sae_predictor_all/row_scores.jsonl"}}}))
+    return truth, corrupted, made
+
+
+def test_sae_predictor_table(tmp_path):
+    """report.py's SAE predictor table: per pooling the out-of-fold Spearman and top-k overlap
+    of its summary.json, the planted AUC of its out-of-fold prediction and of the attribution
+    score (by sklearn here), which arm used it; the generated line names the better pooling for
+    each; the sae arm is in the verdict table with its predictor's score-length Spearman."""
+    from sklearn.metrics import roc_auc_score
+
+    run = fabricate_verdict_run(tmp_path / "run", {"scratch": {"sae": (-0.01, 0.02)}})
+    truth, corrupted, made = fabricate_sae_predictors(run)
+    result, md = verdict_report(run)
+    section = result["sae_predictors"]["run"]
+    keep = ~np.isnan(truth)
+    auc = {pooling: roc_auc_score(~corrupted[keep], predicted[keep])
+           for pooling, (predicted, _, _) in made.items()}
+    attribution_auc = roc_auc_score(~corrupted[keep], truth[keep])
+    assert auc["completion"] < auc["all"]   # the planted rows: noise 3 vs 0.3
+    lines = md.split("## SAE predictor", 1)[1].split("\n")
+    header = next(line for line in lines if line.startswith("| split |"))
+    cells = {}
+    for line in lines:
+        if line.startswith("| run |"):
+            row = dict(zip([c.strip() for c in header.strip("|").split("|")],
+                           [c.strip() for c in line.strip("|").split("|")]))
+            cells[row["pooling"]] = row
+    assert set(cells) == {"all", "completion"}
+    for pooling, (_, spearman, overlap) in made.items():
+        entry = section["predictors"][f"sae_predictor_{pooling}"]
+        assert entry["planted_auc"] == pytest.approx(auc[pooling])
+        assert entry["attribution_planted_auc"] == pytest.approx(attribution_auc)
+        row = cells[pooling]
+        assert row["out-of-fold Spearman"] == f"{spearman:.3f}"
+        assert row["top-k overlap"] == f"{overlap}/10 ({10 * 10 / 59:.1f})"
+        assert row["planted AUC"] == f"{auc[pooling]:.3f}"
+        assert row["attribution planted AUC"] == f"{attribution_auc:.3f}"
+    assert cells["all"]["used by"] == "sae (5 seeds)" and cells["completion"]["used by"] == "-"
+    assert section["comparison"] == (
+        f"Out of fold, `all` predicts the attribution rank better (all 0.610 vs completion "
+        f"0.380); `all` separates the planted rows better (all {auc['all']:.3f} vs completion "
+        f"{auc['completion']:.3f}); the attribution score itself: AUC {attribution_auc:.3f}.")
+    assert f"- run: {section['comparison']}" in md
+    sae = md_rows(md, "scratch")["sae"]
+    assert sae["score-length Spearman"] == "0.200"   # sae_predictor_all's, the one it drew from
+    assert sae["subset rows"] == "40"
+    assert result["verdict"]["designs"]["scratch"]["arms"]["sae"]["verdict"] in (
+        "beats", "does not beat", "is worse than")
+
+
 def test_holm_by_hand():
     from report import holm
 
@@ -268,7 +355,7 @@ def test_holm_by_hand():
 # recipes/verdict.toml and the demo's small verdict: the plan the runner makes
 
 VERDICT_ARMS = ["attribution", "attribution_raw", "random", "random_stratified", "longest",
-                "reward", "attribution_bottom"]
+                "reward", "sae", "attribution_bottom"]
 DESIGNS = ["scratch", "continue"]
 
 
@@ -320,7 +407,8 @@ def test_every_arm_and_design_is_trained_and_evaluated_alike():
     arms_task = by_key["arms@seed1"]
     assert flag(arms_task, "--arms").split(",") == VERDICT_ARMS
     assert set(VERDICT_ARMS) <= set(subsets.ARMS)
-    assert flag(arms_task, "--arm-scores") == "attribution_raw=runs/v/scores_raw"
+    assert [arms_task.argv[i + 1] for i, a in enumerate(arms_task.argv) if a == "--arm-scores"] \
+        == ["attribution_raw=runs/v/scores_raw", "sae=runs/v/sae_predictor_all/row_scores.jsonl"]
     for seed in (1, 2, 3, 4, 5):
         assert flag(by_key[f"arms@seed{seed}"], "--seed") == str(seed)  # random arms redraw
         for design in DESIGNS:
@@ -397,6 +485,48 @@ def test_per_seed_split_plans_a_split_and_scores_per_seed():
     assert not any(k.endswith(("@seed1", "@seed3")) for k in waits("arms@seed2"))
 
 
+@pytest.mark.parametrize("per_seed_split", [False, True], ids=["shared_split", "split_per_seed"])
+def test_sae_steps_once_per_split_on_both_poolings(per_seed_split):
+    """One SAE per split, its features pooled both ways, a predictor of the split's default
+    score on each (the seed of the split's steps: the folds do not change with the training
+    seed), and the arms step reading the predictor that sae_positions names (the seed's all by
+    default; --var sae_positions=completion switches it)."""
+    import run_experiment as rx
+    from conftest import ROOT
+
+    seeds = (1, 2, 3)
+    recipe, tasks = verdict_plan(seeds=seeds, per_seed_split=per_seed_split)
+    splits = list(seeds) if per_seed_split else [None]
+    where = lambda seed: f"runs/v/seed_{seed}" if per_seed_split else "runs/v"  # noqa: E731
+    by_step = {}
+    for task in tasks:
+        by_step.setdefault(task.step, []).append(task)
+    assert [t.seed for t in by_step["train_sae"]] == splits
+    for pooling in ("all", "completion"):
+        for features, predictor in zip(by_step[f"sae_features_{pooling}"],
+                                       by_step[f"sae_predictor_{pooling}"]):
+            split = where(features.seed)
+            assert features.seed == predictor.seed and features.seed in splits
+            assert flag(features, "--positions") == pooling
+            assert flag(features, "--sae-path") == f"{split}/local_sae"
+            assert flag(features, "--output-dir") == f"{split}/sae_features_{pooling}"
+            assert flag(predictor, "--sae-dir") == f"{split}/sae_features_{pooling}"
+            assert flag(predictor, "--scores-from") == f"{split}/scores"  # the attribution arm's
+            assert flag(predictor, "--output-root") == f"{split}/sae_predictor_{pooling}"
+            assert flag(predictor, "--seed") == str(recipe.base_seed if features.seed is None
+                                                    else features.seed)
+            assert flag(predictor, "--top-k") == recipe.vars["k"]
+    assert recipe.vars["sae_positions"] == "all"
+    for task in by_step["arms"]:
+        scores = [task.argv[i + 1] for i, a in enumerate(task.argv) if a == "--arm-scores"]
+        assert f"sae={where(task.seed)}/sae_predictor_all/row_scores.jsonl" in scores
+    other = rx.load_recipe(ROOT / "recipes" / "verdict.toml", "runs/v", [1],
+                           ["sae_positions=completion"])
+    arms = next(t for t in rx.plan_tasks(other) if t.step == "arms")
+    assert "sae=runs/v/sae_predictor_completion/row_scores.jsonl" in arms.argv
+    assert "runs/v/sae_predictor_completion/row_scores.jsonl" in arms.inputs
+
+
 def test_dry_run_with_jobs_plans_one_score_per_split_and_arms_per_seed():
     import re
     import subprocess
@@ -412,10 +542,12 @@ def test_dry_run_with_jobs_plans_one_score_per_split_and_arms_per_seed():
                                                                                 "score_raw"]
     assert [k for k in levels if k.startswith("arms")] == [f"arms@seed{s}" for s in range(1, 6)]
     for s in range(1, 6):
-        assert set(levels[f"arms@seed{s}"].removeprefix(" <- ").split(", ")) == {"score",
-                                                                                 "score_raw"}
+        # score itself is reached through sae_predictor_all (the plan lists the nearest steps)
+        assert set(levels[f"arms@seed{s}"].removeprefix(" <- ").split(", ")) == {
+            "score_raw", "sae_predictor_all"}
+        assert levels["sae_predictor_all"] == " <- score, sae_features_all"
         assert levels[f"finetune_scratch_reward@seed{s}"] == f" <- arms@seed{s}"
-    assert len([k for k in levels if k.startswith("finetune_")]) == 1 + 5 * 2 * 7
+    assert len([k for k in levels if k.startswith("finetune_")]) == 1 + 5 * 2 * 8
     assert "# slots: 1=unpinned, 2=unpinned, 3=unpinned, 4=unpinned, 5=unpinned" in out
 
 
@@ -430,7 +562,8 @@ def test_the_demo_is_a_small_verdict():
         (ROOT / "recipes" / f"{name}.toml").read_text())["steps"]} for name in ("demo", "verdict")}
     recipe, tasks = verdict_plan("demo", seeds=(1, 2))
     trained = [t for t in tasks if t.step.startswith("finetune_continue_")]
-    assert {flag(t, "--train-split") for t in trained} == {"attribution", "random", "longest"}
+    assert {flag(t, "--train-split") for t in trained} == {"attribution", "random", "longest",
+                                                            "sae"}
     for task in trained:
         name = task.step
         for key in ("run", "outputs"):
@@ -439,7 +572,12 @@ def test_the_demo_is_a_small_verdict():
         assert steps["demo"][evaluate]["run"] == steps["verdict"][evaluate]["run"]
     assert steps["demo"]["compare_continue"]["outputs"] == \
         steps["verdict"]["compare_continue"]["outputs"]
-    assert {"train_sae", "sae_features", "sae_predictor"} <= set(steps["demo"])
+    for step in ("train_sae", "sae_features_all", "sae_features_completion", "sae_predictor_all",
+                 "sae_predictor_completion"):
+        assert step in steps["demo"], step
+    for pooling in ("all", "completion"):   # the predictor's command is the verdict's
+        name = f"sae_predictor_{pooling}"
+        assert steps["demo"][name]["run"] == steps["verdict"][name]["run"]
     assert not any(s.startswith("finetune_scratch") for s in steps["demo"])
     import run_experiment as rx
 
