@@ -137,7 +137,8 @@ def draw(args) -> None:
             **info, "pool_row_ids": list(pool["row_id"]),
             "pool_positions_in_source": positions, "members": subsets,
             "provenance": provenance(seed=args.seed, manifest=args.manifest)})
-    print(f"drew {args.subsets} subsets of {info['subset_rows']} rows from a pool of {pool_size} "
+    print(f"drew {args.subsets} subsets of {'/'.join(map(str, info['subset_rows']))} rows from "
+          f"a pool of {pool_size} "
           f"(every row in {per_row}); wrote {output_dir}")
 
 
@@ -185,7 +186,9 @@ def bootstrap_ci(data, statistic, *, paired: bool, confidence: float, resamples:
         result = bootstrap(data, statistic, paired=paired, vectorized=vectorized,
                            confidence_level=confidence, n_resamples=resamples,
                            method="percentile", rng=np.random.default_rng(seed))
-    return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+    bounds = [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+    # None when resamples were degenerate (a constant side: few subsets or query rows)
+    return bounds if all(map(math.isfinite, bounds)) else None
 
 
 def lds_summary(member, losses, tau, aggregate_scores, *, confidence: float, resamples: int,
@@ -213,6 +216,8 @@ def lds_summary(member, losses, tau, aggregate_scores, *, confidence: float, res
                                             confidence=confidence, resamples=resamples,
                                             seed=seed)
                                if math.isfinite(out["aggregate_lds"]) else None)
+    if out["aggregate_lds_ci"] is None and math.isfinite(out["aggregate_lds"]):
+        out["aggregate_lds_ci_note"] = "degenerate resamples (too few subsets): no interval"
     if not math.isfinite(out["aggregate_lds"]):
         out["aggregate_lds"] = None
     return out
@@ -380,8 +385,9 @@ def fmt(value, ci) -> str:
 
 def markdown(results: dict, sources: dict, info: dict, args) -> str:
     level = f"{args.confidence:.0%}"
+    sizes = "-".join(map(str, sorted({min(info["subset_rows"]), max(info["subset_rows"])})))
     lines = [f"# Linear datamodeling score ({info['subsets']} subsets of "
-             f"{info['subset_rows']} rows of a {info['pool_size']}-row pool, alpha "
+             f"{sizes} rows of a {info['pool_size']}-row pool, alpha "
              f"{info['alpha_effective']:g})", "",
              f"LDS = mean over query rows of the Spearman correlation, over the subsets, between "
              f"the summed scores of a subset's rows and minus the query row's loss after "
