@@ -79,6 +79,57 @@ def test_unscored_rows_add_nothing_and_unscored_queries_have_no_lds():
 
 
 # ---------------------------------------------------------------------------------------------
+# score.py's individual scores, against the formulas written out by hand
+
+
+@pytest.mark.parametrize("preconditioning", ["none", "query"])
+@pytest.mark.parametrize("normalization", ["none", "seed", "bergson"])
+def test_individual_scores_equal_the_formulas(normalization, preconditioning):
+    from score import attribution_scores
+
+    rng = np.random.default_rng(0)
+    sizes = {"a": 6, "b": 4}
+    query, train = rng.normal(size=(5, 10)), rng.normal(size=(12, 10))
+    query[2] = 0.0          # an unusable query row: NaN in the matrix, left out of the mean
+    train[4] = 0.0          # an unusable train row: a NaN column
+    scores, info = attribution_scores(query.astype(np.float32), train.astype(np.float32), sizes,
+                                      normalization=normalization, score_mode="mean",
+                                      preconditioning=preconditioning, individual=True)
+    matrix = info["matrix"]
+    q = np.delete(query, 2, axis=0)
+    blocks = {"a": slice(0, 6), "b": slice(6, 10)}
+
+    def power(h, p):   # (H + lam I)^p, lam = 0.1 * mean |H_ab| (the default damping)
+        w, v = np.linalg.eigh(h + 0.1 * np.abs(h).mean() * np.eye(len(h)))
+        return (v * np.clip(w, 0, None) ** p) @ v.T
+
+    def side(x, p):    # x @ blockdiag(P_m^p) (P = I without preconditioning)
+        if preconditioning == "none":
+            return x
+        out = x.copy()
+        for cols in blocks.values():
+            out[:, cols] = x[:, cols] @ power(q[:, cols].T @ q[:, cols] / len(q), p)
+        return out
+
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    g = np.delete(train, 4, axis=0)
+    if normalization == "none":
+        expected = side(q, -1) @ g.T
+    elif normalization == "seed":
+        pq = side(unit(q), -1)
+        expected = pq @ unit(g).T / np.linalg.norm(pq.mean(axis=0))
+    else:
+        expected = unit(side(q, -0.5)) @ unit(side(g, -0.5)).T
+    got = np.delete(np.delete(matrix, 2, axis=0), 4, axis=1)
+    np.testing.assert_allclose(got, expected, rtol=2e-3, atol=1e-5 * np.abs(expected).max())
+    assert np.isnan(matrix[2]).all() and np.isnan(matrix[:, 4]).all()
+    scored = np.isfinite(scores)
+    assert scored.sum() == 11
+    np.testing.assert_allclose(np.nanmean(matrix[:, scored], axis=0), scores[scored],
+                               rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
 # the draw
 
 
