@@ -58,6 +58,10 @@ Modes of the command:
                      adapter, loss reduction, projection, tokenization) and only compute the
                      scores again, e.g. another --score-normalization, --score-mode or
                      --preconditioning-mode: one bergson pass per loss reduction for every variant
+  --write-score-matrix  also every individual score tau(j, i), query row j x train row i
+                     (score_matrix.npy + score_matrix.json), for lds.py; mean_j tau(j, i) = s_i:
+                     none <g_i, P q_j>; seed <g_i/||g_i||, P q_j/||q_j||> / ||P qbar||;
+                     bergson cos(R g_i, R q_j)
 """
 
 from __future__ import annotations
@@ -180,6 +184,15 @@ def parse_args(argv=None):
                         "--max-length, --tokenization-mode, precision) instead of running "
                         "bergson; the scores are computed again with this run's settings "
                         "(--keep-gradients then keeps nothing: the indices stay in DIR)")
+    p.add_argument("--write-score-matrix", action="store_true",
+                   help="also write every individual score, query row x train row, as "
+                        "score_matrix.npy (float32 [n_query, n_train], NaN where a row is "
+                        "unscored) + score_matrix.json (query_ids, train_ids, the variant); its "
+                        "mean over the query rows is train_scores.jsonl's score (--score-mode "
+                        "mean only; works with --gradients-from). lds.py reads it")
+    p.add_argument("--score-matrix-max-mb", type=float, default=1024.0,
+                   help="refuse --write-score-matrix when the matrix would exceed this many MiB "
+                        "(it is held in memory twice while written); raise it to allow more")
     return p.parse_args(argv)
 
 
@@ -206,6 +219,11 @@ def check_args(args) -> None:
     if (args.arms or args.arm_scores) and not args.scores_from:
         raise PipelineError("--arms and --arm-scores draw from existing scores: pass "
                             "--scores-from DIR")
+    if args.write_score_matrix and (args.scores_from or args.score_mode != "mean"):
+        why = ("--scores-from only redraws subsets" if args.scores_from else
+               "its rows average to the --score-mode mean score; nearest is a max over them")
+        raise PipelineError(f"--write-score-matrix needs --score-mode mean and bergson's "
+                            f"gradients (or --gradients-from): {why}")
     if args.scores_from and (args.scores_only or args.gradients_from):
         other = "--scores-only" if args.scores_only else "--gradients-from"
         raise PipelineError(f"--scores-from and {other} exclude each other: --scores-from only "
@@ -555,15 +573,46 @@ def query_side(q: dict, precondition, normalization: str, mean: bool):
     raise ValueError(f"unknown normalization {normalization!r}")
 
 
+def individual_query_rows(q: dict, precondition, normalization: str) -> dict:
+    """One row per query whose mean over the queries is query_side's mean-mode query, so the
+    individual scores tau(j, i) average to the mean score s_i:
+      none     P q_j                           (mean: P mean_j q_j)
+      seed     P q^_j / ||P qbar||,  q^_j = q_j / ||q_j||   (mean: P qbar / ||P qbar||)
+      bergson  R q_j / ||R q_j||               (mean: their mean)
+    seed's rows differ from nearest's cos(g_i, P q_j) only by a positive factor per query, which
+    a per-query rank statistic (lds.py) does not see."""
+    import torch
+    from bergson.process_grads import normalize_and_aggregate_grads
+
+    def prepared(grads, unit_normalize: bool, aggregate: str):
+        return normalize_and_aggregate_grads(grads, list(q), unit_normalize=unit_normalize,
+                                             device=next(iter(q.values())).device,
+                                             aggregate_grads=aggregate, dtype=torch.float32)
+
+    apply = precondition.apply if precondition else (lambda grads: grads)
+    if normalization == "none":
+        return prepared(apply(q), False, "none")
+    if normalization == "bergson":
+        return prepared(apply(q), True, "none")
+    if normalization == "seed":
+        rows = prepared(apply(prepared(q, True, "none")), False, "none")
+        norm = torch.sqrt(sum(r.mean(dim=0).pow(2).sum() for r in rows.values()))
+        return {m: r / norm.clamp_min(1e-30) for m, r in rows.items()}
+    raise ValueError(f"unknown normalization {normalization!r}")
+
+
 def attribution_scores(query, train, grad_sizes: dict, *, normalization: str, score_mode: str,
                        preconditioning: str, mixing_coefficient: float = 0.99,
                        damping_rule: str = "mean_abs_entry", damping: float = 0.1,
-                       device="cpu", chunk_rows: int | None = None):
+                       device="cpu", chunk_rows: int | None = None, individual: bool = False):
     """One score per train row (formulas in the module docstring) from per-row gradients laid
     out as bergson's index ([rows, D], modules in grad_sizes order): query [N_query, D], train
     [N_train, D] (a memmap is read chunk by chunk, so memory stays bounded). Returns (scores as
     float64, NaN where the train gradient is unusable; info: query rows used, the Hessians, the
-    damping per module).
+    damping per module; with individual=True (score mode mean) also "matrix", float32
+    [N_query, N_train] of the individual scores (individual_query_rows), NaN in the rows of
+    unusable queries and the columns of unusable train rows: its mean over the usable query
+    rows is the score).
 
     The query side is composed from bergson 2.5.1's parts (its damped inverse, its per-row
     normalisation and aggregation, its dense preconditioner); the train side runs through
@@ -593,12 +642,30 @@ def attribution_scores(query, train, grad_sizes: dict, *, normalization: str, sc
     scorer = Scorer(query_grads=queries, modules=list(grad_sizes), writer=writer, device=device,
                     dtype=torch.float32, unit_normalize=normalization != "none",
                     score_mode="individual" if mean else "nearest", index_transform=transform)
+    matrix_scorer = None
+    if individual:
+        if not mean:
+            raise ValueError("individual scores average to the mean score: score_mode mean")
+        rows = individual_query_rows(q, precondition, normalization)
+        matrix_writer = InMemorySequenceScoreWriter(len(train), int(q_usable.sum()),
+                                                    dtype=torch.float32)
+        matrix_scorer = Scorer(query_grads=rows, modules=list(grad_sizes), writer=matrix_writer,
+                               device=device, dtype=torch.float32,
+                               unit_normalize=normalization != "none", score_mode="individual",
+                               index_transform=transform)
     usable_rows = np.zeros(len(train), dtype=bool)
     for start, grads, usable in chunks(train, columns, device, chunk_rows):
         scorer(list(range(start, start + len(usable))), grads)
+        if matrix_scorer:
+            matrix_scorer(list(range(start, start + len(usable))), grads)
         usable_rows[start:start + len(usable)] = usable.cpu().numpy()
     scores = writer.scores[:, 0].double().numpy()
     scores[~usable_rows] = np.nan
+    if matrix_scorer:
+        matrix = np.full((len(query), len(train)), np.nan, dtype=np.float32)
+        matrix[q_usable.cpu().numpy()] = matrix_writer.scores.numpy().T
+        matrix[:, ~usable_rows] = np.nan
+        info["matrix"] = matrix
     return scores, {"n_query_used": int(q_usable.sum()), "hessians": hessians, **info}
 
 
@@ -619,11 +686,14 @@ def scores_step(args, paths: dict, tokens: dict, n_train: int) -> tuple:
         query, train, train_sizes, normalization=args.score_normalization,
         score_mode=args.score_mode, preconditioning=args.preconditioning_mode,
         mixing_coefficient=args.mixing_coefficient, damping_rule=args.damping_rule,
-        damping=args.damping, device="cuda" if torch.cuda.is_available() else "cpu")
+        damping=args.damping, device="cuda" if torch.cuda.is_available() else "cpu",
+        individual=args.write_score_matrix)
     too_short = tokens["bergson_lengths"] < 2
     unsupervised = (tokens["num_supervised"] == 0) if not tokens["chat"] else np.zeros(
         n_train, bool)
     scores[too_short | unsupervised] = np.nan  # a zero gradient says nothing; finetune skips it
+    if "matrix" in info:
+        info["matrix"][:, too_short | unsupervised] = np.nan
     info.update(n_under_2_tokens=int(too_short.sum()),
                 n_no_supervised_tokens=int(unsupervised.sum()))
     return scores, info
@@ -907,6 +977,49 @@ def summary_step(args, run: dict, train_split, query_split, tokens: dict, scores
     }
 
 
+def check_score_matrix_size(args, n_query: int, n_train: int) -> None:
+    """--write-score-matrix: refused before any work when the matrix would be too large."""
+    if not args.write_score_matrix:
+        return
+    mib = n_query * n_train * 4 / 2**20
+    if mib > args.score_matrix_max_mb:
+        raise PipelineError(f"--write-score-matrix: {n_query} query rows ({args.query_split}) x "
+                            f"{n_train} train rows ({args.train_split}) is {mib:,.0f} MiB of "
+                            f"float32, over --score-matrix-max-mb {args.score_matrix_max_mb:g} "
+                            f"(raise it to write it anyway)")
+
+
+def write_score_matrix(staged: Path, matrix, query_split, train_split, summary: dict) -> dict:
+    """score_matrix.npy (float32 [n_query, n_train], rows in the query split's order, columns in
+    the train split's) and score_matrix.json beside it (the ids of both axes, the variant and
+    the fingerprints, so a reader can check it scored the rows it thinks); returns the summary's
+    score_matrix block."""
+    import numpy as np
+
+    np.save(staged / "score_matrix.npy", matrix)
+    variant = {k: summary[k] for k in METHOD_KEYS}
+    finite_queries = int(np.isfinite(matrix).any(axis=1).sum())
+    block = {"file": "score_matrix.npy", "ids": "score_matrix.json", "shape": list(matrix.shape),
+             "dtype": "float32", "n_query_scored": finite_queries,
+             "mean_over_queries": "train_scores.jsonl score"}
+    write_json_atomic(staged / "score_matrix.json", {
+        **block, **variant, "score_formula": summary["score_formula"],
+        "individual_score": INDIVIDUAL_FORMULAS[summary["score_normalization"]],
+        "query_split": summary["query_split"], "train_split": summary["train_split"],
+        "query_fingerprint": summary["query_fingerprint"],
+        "train_fingerprint": summary["train_fingerprint"],
+        "query_ids": list(query_split["row_id"]), "train_ids": list(train_split["row_id"]),
+        "provenance": summary["provenance"]})
+    return block
+
+
+INDIVIDUAL_FORMULAS = {  # tau(j, i); mean_j tau(j, i) = the mean score (individual_query_rows)
+    "none": "< g_i , P q_j >",
+    "seed": "< g_i / ||g_i|| , P q_j / ||q_j|| > / ||P qbar||",
+    "bergson": "cos( R g_i , R q_j ), R = P^1/2",
+}
+
+
 def publish_step(args, manifest, train_split, scores, tokens: dict, summary: dict,
                  hessians: dict | None, paths: dict, staged: Path, output_dir: Path) -> None:
     """Scores (and, unless --scores-only, the subsets and their manifest) into the staged
@@ -941,6 +1054,7 @@ def main(argv=None) -> None:
         redraw_subsets(args, manifest, train_split, output_dir)
         return
     query_split = load_split(manifest, args.query_split)
+    check_score_matrix_size(args, len(query_split), len(train_split))
     run = run_settings(args)
     reused = reused_gradients(args, run, train_split, query_split) if args.gradients_from \
         else None
@@ -955,8 +1069,12 @@ def main(argv=None) -> None:
         scores, info = scores_step(args, paths, tokens, len(train_split))
         stage_seconds["scores"] = time.time() - t0
         hessians = info.pop("hessians", None)
+        matrix = info.pop("matrix", None)
         summary = summary_step(args, run, train_split, query_split, tokens, scores, info,
                                stage_seconds, started)
+        if matrix is not None:
+            summary["score_matrix"] = write_score_matrix(staged, matrix, query_split,
+                                                         train_split, summary)
         publish_step(args, manifest, train_split, scores, tokens, summary, hessians, paths,
                      staged, output_dir)
     subsets = ("" if args.scores_only else

@@ -15,6 +15,7 @@ Every random draw is numpy `default_rng(seed)`, so the same seed gives the same 
   select_arm                    one arm of the verdict (ARMS): k rows of the pool by its rule
   summarize_arms                rows, tokens and mean score of each arm (score.py's summary.json)
   read_arm_scores               a second score column for a score arm (--arm-scores NAME=PATH)
+  lds_subsets                   M balanced random subsets of a fraction alpha (lds.py draw)
 
 Arms (score.py --arms) all draw from the same candidates, the rows with a finite attribution
 score (rows without a supervised token have none), so arms differ only in their rule. The
@@ -350,3 +351,50 @@ def read_arm_scores(name: str, path, row_ids: list):
                             f"missing, {len(extra)} not in the pool, e.g. {example!r}): scores "
                             "of another split or run")
     return np.asarray([by_id[r] for r in row_ids], dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# the linear datamodeling score's subsets (lds.py draw)
+
+
+def lds_subsets(n_pool: int, n_subsets: int, alpha: float, seed: int, trades: int | None = None):
+    """M = n_subsets random subsets of range(n_pool) for the linear datamodeling score, as a
+    boolean membership matrix [M, n_pool]: every row is in exactly c = round(alpha * M) subsets
+    and every subset holds n_pool * c / M rows (+-1), so no row is over- or under-represented and
+    a subset's size says nothing (its score sum is then comparable across subsets).
+
+    Independent uniform draws (TRAK's) leave each row in Binomial(M, alpha) subsets; fixing both
+    margins and drawing the matrix uniformly among those that have them is what no library
+    offers, so it is done here with the curveball algorithm (Strona et al. 2014): start from a
+    cyclic design on a seeded permutation of the rows, then trade between random pairs of subsets
+    (the rows in exactly one of the two are pooled, shuffled and dealt back in the same numbers),
+    which keeps both margins and mixes the overlaps. Same seed, same subsets."""
+    import numpy as np
+
+    if n_subsets < 2:
+        raise PipelineError(f"--subsets must be >= 2 (a Spearman correlation over subsets), got "
+                            f"{n_subsets}")
+    if not 0.0 < alpha < 1.0:
+        raise PipelineError(f"--alpha must be in (0, 1), got {alpha}")
+    per_row = int(round(alpha * n_subsets))
+    if not 1 <= per_row <= n_subsets - 1:
+        raise PipelineError(f"--alpha {alpha} x --subsets {n_subsets} puts every row in "
+                            f"{per_row} subsets: need 1 .. {n_subsets - 1}")
+    if n_pool < 2:
+        raise PipelineError(f"the pool has {n_pool} rows: a subset draw needs >= 2")
+    rng = np.random.default_rng(seed)
+    member = np.zeros((n_subsets, n_pool), dtype=bool)
+    # cyclic start: the row at position p fills slots p*c .. p*c+c-1, slot s goes to subset s % M
+    order = rng.permutation(n_pool)
+    slots = np.arange(n_pool * per_row)
+    member[slots % n_subsets, order[slots // per_row]] = True
+    for _ in range(trades if trades is not None else 50 * n_subsets):
+        a, b = rng.choice(n_subsets, size=2, replace=False)
+        only_a = np.flatnonzero(member[a] & ~member[b])
+        only_b = np.flatnonzero(member[b] & ~member[a])
+        pooled = rng.permutation(np.concatenate([only_a, only_b]))
+        member[a, pooled] = False
+        member[b, pooled] = False
+        member[a, pooled[:len(only_a)]] = True
+        member[b, pooled[len(only_a):]] = True
+    return member

@@ -16,8 +16,10 @@ import pytest
 import run_experiment as rx
 from conftest import ROOT
 
-# score_variants.toml compares scores on one pool (no seeds, arms or evals): tested on its own below
-RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.toml") if p.stem != "score_variants")
+# score_variants.toml compares scores on one pool (no seeds, arms or evals): tested on its own
+# below; lds.toml (seeds are subsets, several score passes, no base eval): tests/test_lds.py
+RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.toml")
+                 if p.stem not in ("score_variants", "lds"))
 CHAT_VARS = {"model", "dataset", "dataset_flags", "train_size", "query_size", "eval_size", "k",
              "random_match", "max_length", "eval_batch_size"}
 SEEDS = [1, 2, 3]
