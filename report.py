@@ -751,9 +751,13 @@ def verdict_sentence(designs: dict, control: str, headline: str) -> str:
     if len(set(verbs)) == 1:
         body = "; ".join(f"{delta} {phrase} ({rest})" for _, phrase, delta, rest in clauses)
         return (f"{name} {verbs[0]} {control_text} here: Δ eval loss vs {control} {body}.")
-    parts = [f"{verb} {control_text if i == 0 else 'it'} {phrase} (Δ eval loss vs {control} "
-             f"{delta}; {rest})" for i, (verb, phrase, delta, rest) in enumerate(clauses)]
-    return f"{name} " + ", but ".join(parts) + "."
+    # one clause per verdict, its designs joined by "and", in the order they first appear
+    groups = {}
+    for verb, phrase, delta, rest in clauses:
+        groups.setdefault(verb, []).append(f"{phrase} (Δ eval loss vs {control} {delta}; {rest})")
+    parts = [f"{verb} {control_text if i == 0 else 'it'} " + " and ".join(where)
+             for i, (verb, where) in enumerate(groups.items())]
+    return f"{name} " + ", but ".join(parts[:2]) + "".join(f"; {p}" for p in parts[2:]) + "."
 
 
 def sae_predictor_folders(seeds: dict[str, Path], run_dir: Path) -> list[Path]:

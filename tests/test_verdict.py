@@ -640,3 +640,14 @@ def test_score_arms_step_writes_one_split_per_arm(tmp_path, monkeypatch):
     assert all(summary["arms"][a]["rows"] == 8 for a in arms.split(","))
     longest_tokens = summary["arms"]["longest"]["supervised_tokens"]
     assert all(summary["arms"][a]["supervised_tokens"] <= longest_tokens for a in summary["arms"])
+
+
+def test_verdict_sentence_groups_designs_with_the_same_verdict(tmp_path):
+    run = fabricate_verdict_run(tmp_path / "run", {"scratch": {"attribution": (0.05, 0.004)},
+                                                   "continue": {"attribution": (0.0, 0.03)},
+                                                   "other": {"attribution": (0.04, 0.004)}})
+    sentence = verdict_report(run)[0]["verdict"]["sentence"]
+    worse = sentence.index("is worse than budget-matched random data")
+    assert sentence.count("is worse than") == 1 and sentence.count(", but ") == 1
+    assert worse < sentence.index("from scratch") < sentence.index(") and in design other (")
+    assert sentence.index("in design other") < sentence.index(", but does not beat it continuing")
