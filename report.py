@@ -629,15 +629,19 @@ def design_and_k(label: str) -> tuple[str, int | None]:
 
 
 def taboo_base(seeds: dict[str, Path], run_dir: Path) -> dict:
-    """{where: {rule: successes, rows}} of the base model's eval_words.py runs (once per split)."""
+    """{"model (where)": {rule: successes, rows}} of the eval_words.py runs before any arm (once
+    per split): the base model and, where evaluated, the base adapter the continue design starts
+    from."""
     out = {}
     for label, folder in [("split", run_dir), *seeds.items()]:
         path = folder / TABOO_BASE_FILE
         if path.is_file():
-            base = (read_json(path, "Taboo base results").get("models") or {}).get("base")
-            if base:
-                out[label] = {rule: {"successes": r["successes"], "rows": r["rows"]}
-                              for rule, r in (base.get("by_rule") or {}).items()}
+            models = read_json(path, "Taboo base results").get("models") or {}
+            for name, model in models.items():
+                shown = "base model" if name == "base" else name.replace("_", " ")
+                out[f"{shown} ({label})"] = {
+                    rule: {"successes": r["successes"], "rows": r["rows"]}
+                    for rule, r in (model.get("by_rule") or {}).items()}
     return out
 
 
@@ -694,7 +698,7 @@ def render_taboo_verdict(tv: dict) -> list[str]:
              "episodes; Δ = arm minus control success rate (> 0: the arm is better), mean over "
              f"seeds with its 95% {tv['interval']}; McNemar: {tv['test']}, one p per seed.", ""]
     for where, rules in tv["base"].items():
-        lines.append(f"- base model ({where}): " + ", ".join(
+        lines.append(f"- {where}: " + ", ".join(
             f"{rule} rule {r['successes']}/{r['rows']}" for rule, r in rules.items()))
     if tv["base"]:
         lines.append("")

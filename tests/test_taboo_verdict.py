@@ -312,7 +312,8 @@ def test_compare_success_and_report_table(tmp_path):
         fake_eval_words(tmp_path / s / "eval_words_scratch_k12.json", outcomes)
     (tmp_path / "eval_words_base.json").write_text(json.dumps({"models": {"base": {
         "by_rule": {"target": {"successes": 3, "rows": n},
-                    "reference": {"successes": 5, "rows": n}}}}}))
+                    "reference": {"successes": 5, "rows": n}}},
+        "base_adapter": {"by_rule": {"target": {"successes": 9, "rows": n}}}}}))
     out = tmp_path / "compare_scratch_k12.json"
     run_script("compare_evals.py", "--metric", "success", "--label", "scratch_k12",
                *[x for a in ARMS for x in ("--arm", f"{a}={tmp_path}/seed_*/"
@@ -361,6 +362,7 @@ def test_compare_success_and_report_table(tmp_path):
     successes = ", ".join(str(sum(x[0] for x in truth[s]["attribution"])) for s in seeds)
     assert f"| scratch | 12 | target | attribution | {successes} / {n} |" in md
     assert "base model (split): target rule 3/40, reference rule 5/40" in md
+    assert "base adapter (split): target rule 9/40" in md
 
 
 def test_compare_success_bad_input(tmp_path):
