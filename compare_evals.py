@@ -412,10 +412,9 @@ def seed_level(seed_pairs, column: str, resamples: int, seed: int) -> dict:
     return out
 
 
-def compare_arms(arm_pairs: dict, baselines: list[str], column: str, resamples: int,
-                 seed: int) -> dict:
-    """comparisons[arm][baseline] = seed_level(arm vs baseline) for every arm and every baseline
-    it is not. arm_pairs: {arm: {seed label: path}}."""
+def check_arm_files(arm_pairs: dict, baselines: list[str]) -> list[str]:
+    """Every baseline is an arm, and every arm has a file in every seed folder any arm has; the
+    seed folders' labels, sorted."""
     missing = [b for b in baselines if b not in arm_pairs]
     if missing:
         raise PipelineError(f"--baselines {missing[0]} is not one of the --arm names "
@@ -427,6 +426,14 @@ def compare_arms(arm_pairs: dict, baselines: list[str], column: str, resamples: 
             other = next(a for a, f in arm_pairs.items() if absent[0] in f)
             raise PipelineError(f"--arm {arm} has no file in a folder named {absent[0]} "
                                 f"(--arm {other} has {arm_pairs[other][absent[0]]})")
+    return labels
+
+
+def compare_arms(arm_pairs: dict, baselines: list[str], column: str, resamples: int,
+                 seed: int) -> dict:
+    """comparisons[arm][baseline] = seed_level(arm vs baseline) for every arm and every baseline
+    it is not. arm_pairs: {arm: {seed label: path}}."""
+    labels = check_arm_files(arm_pairs, baselines)
     rows = {arm: {label: read_per_example(path, column) for label, path in files.items()}
             for arm, files in arm_pairs.items()}
     comparisons = {}
@@ -546,15 +553,7 @@ def success_seed_level(pairs: list[tuple[str, dict, dict]], rule: str) -> dict:
 def compare_success(arm_pairs: dict, baselines: list[str]) -> tuple[dict, dict]:
     """(successes[rule][arm][seed], comparisons[rule][arm][baseline]) for every rule all files
     report; arm_pairs: {arm: {seed label: eval_words.json}}."""
-    missing = [b for b in baselines if b not in arm_pairs]
-    if missing:
-        raise PipelineError(f"--baselines {missing[0]} is not one of the --arm names "
-                            f"({', '.join(arm_pairs)})")
-    labels = sorted({label for files in arm_pairs.values() for label in files})
-    for arm, files in arm_pairs.items():
-        absent = [label for label in labels if label not in files]
-        if absent:
-            raise PipelineError(f"--arm {arm} has no file in a folder named {absent[0]}")
+    labels = check_arm_files(arm_pairs, baselines)
     rows = {arm: {label: read_successes(path, arm) for label, path in files.items()}
             for arm, files in arm_pairs.items()}
     rules = None
