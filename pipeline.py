@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
@@ -84,6 +85,19 @@ def git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+def code_fingerprint() -> str:
+    """sha256 over the repository's scripts and recipes as they are on disk (top-level *.py,
+    recipes/*.toml, device/*.sh): what ran, even where the git metadata is not the working tree's
+    (the GPU machine's copy kept an older .git than the files it ran; results/2026-12-02-verdict.md).
+    `git ls-files` would miss that, so the files themselves are hashed."""
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted([*here.glob("*.py"), *here.glob("recipes/*.toml"), *here.glob("device/*.sh")]):
+        digest.update(path.relative_to(here).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def library_versions() -> dict[str, str | None]:
     versions = {"python": platform.python_version()}
     for name in TRACKED_LIBRARIES:
@@ -99,6 +113,7 @@ def provenance(seed: int | None = None, manifest: str | Path | None = None) -> d
         "argv": [Path(sys.argv[0]).name] + sys.argv[1:],
         "cwd": os.getcwd(),
         "git_commit": git_commit(),
+        "code_sha256": code_fingerprint(),
         "library_versions": library_versions(),
         "hostname": platform.node(),
         "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
