@@ -395,21 +395,27 @@ def seed_level(seed_pairs, column: str, resamples: int, seed: int) -> dict:
                          f"{resamples} resamples); percentile 95%"),
            "per_seed": per_seed}
     for key, boot in (("token_weighted", boot_tw), ("per_example", boot_pe)):
-        deltas = np.array([per_seed[s][key]["delta"] for s in labels])
-        mean, low, high, p = t_interval(deltas)
-        finite = bool(np.isfinite(low))
-        out[key] = {
-            "per_seed_deltas": deltas.tolist(),
-            "mean_delta": float(mean),
+        out[key] = over_seeds([per_seed[s][key]["delta"] for s in labels], a_better=-1)
+        out[key]["ci95_bootstrap"] = ([float(v) for v in np.percentile(boot, [2.5, 97.5])]
+                                      if len(boot) else None)
+    return out
+
+
+def over_seeds(deltas, a_better: int) -> dict:
+    """One delta per seed -> its mean, sd, 95% t-interval and t-test p over the seeds (the seeds
+    are the unit), and in how many seeds A was better (a_better: the sign of a better delta, -1
+    for a loss, +1 for a success rate)."""
+    import numpy as np
+
+    deltas = np.asarray(deltas, dtype=float)
+    mean, low, high, p = t_interval(deltas)
+    finite = bool(np.isfinite(low))
+    return {"per_seed_deltas": deltas.tolist(), "mean_delta": float(mean),
             "sd_over_seeds": float(deltas.std(ddof=1)) if len(deltas) > 1 else None,
             "ci95_t": [float(low), float(high)] if finite else None,
-            "ci95_bootstrap": ([float(v) for v in np.percentile(boot, [2.5, 97.5])]
-                               if len(boot) else None),
             "p_value": float(p) if np.isfinite(p) else None,
             "ci_excludes_zero": bool(finite and (low > 0 or high < 0)),
-            "seeds_a_better": int((deltas < 0).sum()),
-        }
-    return out
+            "seeds_a_better": int((a_better * deltas > 0).sum())}
 
 
 def check_arm_files(arm_pairs: dict, baselines: list[str]) -> list[str]:
@@ -532,22 +538,12 @@ def success_pair(a: dict, b: dict, rule: str) -> dict:
 def success_seed_level(pairs: list[tuple[str, dict, dict]], rule: str) -> dict:
     """Per seed the paired success counts and McNemar; across seeds the t-interval of the
     success-rate difference (the loss's seed-level convention, t_interval)."""
-    import numpy as np
-
     per_seed = {label: success_pair(a, b, rule) for label, a, b in pairs}
     labels = list(per_seed)
-    deltas = np.array([per_seed[s]["rate_difference"] for s in labels])
-    mean, low, high, p = t_interval(deltas)
-    finite = bool(np.isfinite(low))
     return {"seeds": len(labels), "labels": labels, "interval": SEED_INTERVAL,
             "test": SUCCESS_TEST, "per_seed": per_seed,
-            "rate_difference": {
-                "per_seed_deltas": deltas.tolist(), "mean_delta": float(mean),
-                "sd_over_seeds": float(deltas.std(ddof=1)) if len(deltas) > 1 else None,
-                "ci95_t": [float(low), float(high)] if finite else None,
-                "p_value": float(p) if np.isfinite(p) else None,
-                "ci_excludes_zero": bool(finite and (low > 0 or high < 0)),
-                "seeds_a_better": int((deltas > 0).sum())}}
+            "rate_difference": over_seeds([per_seed[s]["rate_difference"] for s in labels],
+                                          a_better=+1)}
 
 
 def compare_success(arm_pairs: dict, baselines: list[str]) -> tuple[dict, dict]:

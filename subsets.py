@@ -126,22 +126,10 @@ def length_stratified_random_rows(candidates: list[int], reference: list[int], s
                                   n_strata: int = LENGTH_STRATA) -> list[int]:
     """As many random rows from each length quintile of the candidate pool as the reference has
     in it: the reference's length mix, not its choice of rows (the seed project's control)."""
-    import numpy as np
-
     stratum = length_strata(candidates, supervised_tokens, n_strata)
-    pool = _outside(candidates, reference, allow_overlap)
-    rng = np.random.default_rng(seed)
-    drawn = []
-    for s in range(n_strata):
-        need = sum(1 for r in reference if stratum[r] == s)
-        members = [r for r in pool if stratum[r] == s]
-        if need > len(members):
-            raise PipelineError(f"--random-match stratified needs {need} rows of length quintile "
-                                f"{s + 1}, the pool has {len(members)}"
-                                + _overlap_hint(allow_overlap))
-        if need:
-            drawn.extend(rng.choice(np.asarray(members), size=need, replace=False).tolist())
-    return sorted(drawn)
+    return _draw_per_cell(stratum, candidates, reference, seed, allow_overlap,
+                          lambda s: f"--random-match stratified needs {{need}} rows of length "
+                                    f"quintile {s + 1}")
 
 
 def outcome_length_stratified_random_rows(candidates: list[int], reference: list[int],
@@ -152,10 +140,20 @@ def outcome_length_stratified_random_rows(candidates: list[int], reference: list
     reference has in it: for Taboo, the top-k's mix of won and lost episodes and of their lengths
     (the seed project's control), not its choice of episodes. Length quintiles are the pool's, as
     in length_stratified_random_rows; outcome is every pool row's label (quality)."""
-    import numpy as np
-
     stratum = length_strata(candidates, supervised_tokens, n_strata)
     cell = {r: (str(outcome[r]), stratum[r]) for r in candidates}
+    return _draw_per_cell(cell, candidates, reference, seed, allow_overlap,
+                          lambda key: f"arm random_outcome_stratified needs {{need}} rows of "
+                                      f"outcome '{key[0]}' in length quintile {key[1] + 1}")
+
+
+def _draw_per_cell(cell: dict, candidates: list[int], reference: list[int], seed: int,
+                   allow_overlap: bool, shortfall) -> list[int]:
+    """As many random rows of each cell (cell[row], over the candidates) as the reference has in
+    it, cells in sorted order, from the candidates outside the reference. shortfall(key): the
+    error's start, with {need} for the count."""
+    import numpy as np
+
     pool = _outside(candidates, reference, allow_overlap)
     rng = np.random.default_rng(seed)
     drawn = []
@@ -163,8 +161,7 @@ def outcome_length_stratified_random_rows(candidates: list[int], reference: list
         need = sum(1 for r in reference if cell[r] == key)
         members = [r for r in pool if cell[r] == key]
         if need > len(members):
-            raise PipelineError(f"arm random_outcome_stratified needs {need} rows of outcome "
-                                f"'{key[0]}' in length quintile {key[1] + 1}, the pool has "
+            raise PipelineError(shortfall(key).format(need=need) + f", the pool has "
                                 f"{len(members)}" + _overlap_hint(allow_overlap))
         if need:
             drawn.extend(rng.choice(np.asarray(members), size=need, replace=False).tolist())
