@@ -162,3 +162,29 @@ def test_multigpu_compare_reads_the_runs(run_dir, adapters):
     assert steps["sae_analysis"]["processes"] == steps["score"]["processes"] == 2
     assert steps["score"]["agreement"]["spearman"] > 0.999
     assert "| finetune | training loop | 2 |" in (run_dir / "compare" / "multigpu.md").read_text()
+
+
+def test_one_micro_batch_of_n_rows_trains_like_n_one_row_micro_batches(run_dir, tiny_model):
+    """The speed lever recipes/taboo.toml takes for the seed's recipe: its 16 rows a step as one
+    16-row micro-batch instead of 16 one-row micro-batches (launch-bound on a GPU). The loss is the
+    step's summed token NLL over its supervised tokens either way, so the steps are the same
+    optimisation; here 8 rows a step, rows in file order (the seed preset does not group by
+    length), fp32 on the CPU."""
+    adapters = []
+    for batch_size, accumulation in ((8, 1), (1, 8)):
+        out = run_dir / f"adapter_{batch_size}x{accumulation}"
+        args = finetune_args(run_dir, tiny_model, out, accumulation)
+        args[args.index("--batch-size") + 1] = batch_size
+        run_script("finetune.py", *args, "--no-group-by-length", "--eval-split", "none")
+        adapters.append(out)
+    wide, narrow = (load(a / "train_metrics.json") for a in adapters)
+    assert (wide["micro_batches_per_step"], narrow["micro_batches_per_step"]) == (1, 8)
+    assert wide["optimizer_steps"] == narrow["optimizer_steps"] == 20  # 160 rows / 8
+    assert wide["supervised_tokens_seen"] == narrow["supervised_tokens_seen"]
+    losses_wide = [x["loss"] for x in wide["loss_curve"]]
+    losses_narrow = [x["loss"] for x in narrow["loss_curve"]]
+    assert losses_wide == pytest.approx(losses_narrow, rel=1e-4)
+    assert losses_wide[-1] < losses_wide[0]
+    weights_wide, weights_narrow = (adapter_weights(a) for a in adapters)
+    for name, value in weights_narrow.items():
+        np.testing.assert_allclose(weights_wide[name], value, rtol=1e-3, atol=1e-5, err_msg=name)
