@@ -80,7 +80,12 @@ one `[runner]` line with the slot, its GPU and the clock time. With --jobs 1 the
 stops the run, as above; with N > 1 a failure stops only the tasks that depend on it (directly or
 through others), the rest run on, and the run ends with exit 1 (2 if every failure was an input
 that was not there): one `error:` line per failed step, naming its log, each followed by a
-`skipped because <step> failed: ...` line listing the tasks left out for it. --dry-run prints
+`skipped because <step> failed: ...` line listing the tasks left out for it. With N > 1, a step that
+fails with CUDA's out-of-memory error (its log has "CUDA out of memory") is not a failure yet: the
+GPU is shared by the run's other steps and maybe by another run, so the memory it lacked may be
+free soon. Its log is kept as <log>.oom<n>.log and it goes back in the queue, to start again once
+another step of the run has ended or OOM_RETRY_WAIT_S have passed, at most --oom-retries times
+(then it fails as any step does). --dry-run prints
 each task's level in the DAG and the tasks it waits for. The state file is written only by the
 runner, from its one scheduling loop, atomically, after each success; commands.sh stays the
 sequential replay in recipe order.
@@ -143,6 +148,8 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 STEP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 GPU_ID = re.compile(r"^(\d+|(GPU|MIG)-[A-Za-z0-9./-]+)$")  # what CUDA_VISIBLE_DEVICES accepts
 POLL_S = 0.05  # how often the runner looks at its running steps (--jobs > 1)
+OOM_MARK = "CUDA out of memory"   # torch.OutOfMemoryError's message
+OOM_RETRY_WAIT_S = 60   # an out-of-memory step waits for another step to end, or this long
 
 
 class RunnerError(PipelineError):
@@ -237,6 +244,9 @@ def parse_args(argv=None):
                         help="interpreter that runs the scripts (default: this one, so `uv run` "
                              "and a bare python3 both work); commands.sh always shows "
                              "`uv run python`")
+    parser.add_argument("--oom-retries", type=int, default=2, metavar="N",
+                        help="with --jobs > 1: start a step that ran out of GPU memory again, up "
+                             "to N times, once another step has ended (0: fail at once)")
     return parser.parse_args(argv)
 
 
@@ -851,8 +861,12 @@ class Scheduler:
     (every POLL_S) is what lets a plain signal handler interrupt the wait at any moment."""
 
     def __init__(self, recipe: Recipe, tasks: list[Task], forced: set[str], python: str,
-                 slots: list[str | None]):
+                 slots: list[str | None], oom_retries: int = 0):
         self.tasks, self.forced, self.python, self.slots = tasks, forced, python, slots
+        self.oom_retries = oom_retries
+        self.retries: dict[int, int] = {}            # task -> out-of-memory restarts so far
+        self.held: dict[int, tuple[int, float]] = {}  # task -> (steps ended, time) at its OOM
+        self.ended = 0                               # steps ended (succeeded or failed)
         self.run_dir = repo_path(recipe.run_dir)
         self.state = load_state(self.run_dir)
         self.deps = dependencies(tasks)
@@ -873,7 +887,7 @@ class Scheduler:
                 self.dispatch()
                 if self.sequential and self.running:
                     next(iter(self.running.values())).step.wait()
-                elif self.running:
+                elif self.running or self.pending:   # pending alone: a step held after an OOM
                     time.sleep(POLL_S)
         except BaseException as err:  # a failure (--jobs 1), Ctrl-C, SIGTERM/SIGHUP (Stopped)
             if isinstance(err, Stopped) and not self.sequential:
@@ -894,9 +908,12 @@ class Scheduler:
                 self.free.append(run.slot)
                 self.free.sort()
                 wall_s = time.time() - run.start
+                self.ended += 1
                 try:
                     check_finished(run.task, code, run.log_path)
                 except StepFailed as err:
+                    if self.retry_after_oom(i, run, wall_s):
+                        continue
                     self.fail(i, err, f"failed after {wall_s:.1f} s{self.where(run.slot)}; "
                                       f"log: {run.log_path}")
                     continue
@@ -904,6 +921,32 @@ class Scheduler:
                 self.done.add(i)
             print(f"[runner] {run.task.key}: done in {wall_s:.1f} s{self.where(run.slot)}",
                   flush=True)
+
+    def retry_after_oom(self, i: int, run: Running, wall_s: float) -> bool:
+        """Put a step that ran out of GPU memory back in the queue (its log kept aside), to
+        start once another step has ended or after OOM_RETRY_WAIT_S; False: a real failure."""
+        if self.sequential or self.retries.get(i, 0) >= self.oom_retries:
+            return False
+        if OOM_MARK not in run.log_path.read_text(errors="replace"):
+            return False
+        self.retries[i] = self.retries.get(i, 0) + 1
+        kept = run.log_path.with_suffix(f".oom{self.retries[i]}.log")
+        run.log_path.rename(kept)
+        self.held[i] = (self.ended, time.time())
+        self.pending.append(i)
+        self.pending.sort()   # recipe order
+        print(f"[runner] {run.task.key}: out of GPU memory after {wall_s:.1f} s"
+              f"{self.where(run.slot)}; starts again (retry {self.retries[i]}/{self.oom_retries}) "
+              f"once another step ends; log: {kept}", flush=True)
+        return True
+
+    def ready(self, i: int) -> bool:
+        if i in self.held:
+            ended, since = self.held[i]
+            if self.ended == ended and time.time() - since < OOM_RETRY_WAIT_S:
+                return False
+            del self.held[i]
+        return all(j in self.done for j in self.deps[i])
 
     def leave_out_dependants(self) -> None:
         """Drop every pending task that needs a failed one (directly or through a dropped one);
@@ -921,7 +964,7 @@ class Scheduler:
 
     def dispatch(self) -> None:
         while self.free:
-            i = next((i for i in self.pending if all(j in self.done for j in self.deps[i])), None)
+            i = next((i for i in self.pending if self.ready(i)), None)
             if i is None:
                 return
             self.pending.remove(i)
@@ -1005,8 +1048,8 @@ def signals_held():
 
 
 def execute(recipe: Recipe, tasks: list[Task], forced: set[str], python: str,
-            slots: list[str | None]) -> None:
-    Scheduler(recipe, tasks, forced, python, slots).run()
+            slots: list[str | None], oom_retries: int = 0) -> None:
+    Scheduler(recipe, tasks, forced, python, slots, oom_retries).run()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1079,6 +1122,8 @@ def main(argv=None) -> None:
         raise RunnerError(f"--force {', '.join(unknown)}: no such step in {recipe.path} "
                           f"(steps: {', '.join(names)})")
     slots = plan_slots(args.jobs, args.gpus)
+    if args.oom_retries < 0:
+        raise RunnerError(f"--oom-retries {args.oom_retries}: must be 0 or more")
     tasks = plan_tasks(recipe)
     check_inputs_declared(recipe, tasks)
     text = commands_text(recipe, tasks)
@@ -1100,7 +1145,7 @@ def main(argv=None) -> None:
         if slots != [None]:
             print(f"[runner] up to {len(slots)} step(s) at once; slots: {describe_slots(slots)}",
                   flush=True)
-        execute(recipe, tasks, set(args.force), args.python, slots)
+        execute(recipe, tasks, set(args.force), args.python, slots, args.oom_retries)
     finally:
         lock.release()
         for signum, handler in handlers.items():  # main() may run inside another program

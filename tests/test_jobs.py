@@ -20,7 +20,8 @@ from test_runner import alive, decisions as decisions_of, wait_dead
 
 # One step: logs start/end (time, pid, CUDA_VISIBLE_DEVICES) to a shared events file, waits for
 # other steps to have started (--wait-for, a barrier that only concurrent steps pass) or while a
-# file exists (--hold), then fails (--fail CODE) or writes --out (staged, then renamed).
+# file exists (--hold), then fails (--fail CODE; --oom-once MARK: with torch's out-of-memory
+# message, the first time) or writes --out (staged, then renamed).
 STEP = r"""import json, os, pathlib, sys, time
 opts = {}
 for flag, value in zip(sys.argv[1::2], sys.argv[2::2]):
@@ -50,6 +51,10 @@ for other in opts.get("--wait-for", []):
 while "--hold" in opts and pathlib.Path(opts["--hold"][0]).exists() and time.time() < deadline + 90:
     time.sleep(0.02)
 time.sleep(float(opts.get("--sleep", ["0"])[0]))
+if "--oom-once" in opts and not pathlib.Path(opts["--oom-once"][0]).exists():
+    pathlib.Path(opts["--oom-once"][0]).write_text(name)
+    print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 34.00 MiB.")
+    sys.exit(1)
 if "--fail" in opts:
     print("error: told to fail")
     sys.exit(int(opts["--fail"][0]))
@@ -266,6 +271,39 @@ def test_a_failure_stops_only_its_dependants(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_step_out_of_gpu_memory_starts_again_once_another_ends(tmp_path):
+    """The 2026-12-02 H200 run: two recipes on one GPU, and a step that hit CUDA's out-of-memory
+    error beside the others failed for good. Now it is queued again (its log kept) and starts
+    once another step has ended; a step that fails otherwise, or runs out of retries, fails."""
+    recipe = write_recipe(tmp_path, {
+        "greedy": {"flags": "--sleep 1.0"},
+        "starved": {"flags": "--oom-once {mark}"},
+        "after": {"inputs": ["{run_dir}/starved.out"]},
+    }, mark=f"{tmp_path}/oom_seen")
+    run_dir = tmp_path / "run"
+    result = ok(run(recipe, "--jobs", 2))
+    lines = [l for l in result.stdout.splitlines() if l.startswith("[runner] starved:")]
+    assert re.search(r"starved: out of GPU memory after .* starts again \(retry 1/2\) once "
+                     r"another step ends; log: .*starved\.oom1\.log$", lines[1]), lines
+    assert "CUDA out of memory" in (run_dir / "logs" / "starved.oom1.log").read_text()
+    evs = events(tmp_path)
+    starts = [e["t"] for e in evs if e["name"] == "starved" and e["event"] == "start"]
+    assert len(starts) == 2 and starts[1] >= span(evs, "greedy")[1]  # after greedy ended
+    assert (run_dir / "after.out").read_text() == "after"
+    # retries used up (--oom-retries 0): an ordinary failure, and its dependants left out
+    (tmp_path / "oom_seen").unlink()
+    failed = run(recipe, "--jobs", 2, "--oom-retries", 0, "--force", "starved",
+                 run_dir=tmp_path / "no_retry")
+    assert failed.returncode == 1
+    assert failed.stderr.splitlines()[0].startswith("error: step starved failed with exit code 1")
+    assert "skipped because starved failed: after" in failed.stderr
+    # --jobs 1 as ever: no retry
+    (tmp_path / "oom_seen").unlink()
+    seq = run(recipe, run_dir=tmp_path / "seq")
+    assert seq.returncode == 1 and "out of GPU memory" not in seq.stdout
+    assert run(recipe, "--jobs", 2, "--oom-retries", -1).returncode == 2
+
+
 def test_sigterm_mid_run_then_resume_loses_nothing(tmp_path):
     hold = tmp_path / "hold"
     hold.write_text("")
