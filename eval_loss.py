@@ -46,6 +46,12 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=2048,
                    help="tokens per row, truncated as in finetune.py (default: 2048)")
     p.add_argument("--batch-size", type=int, default=4, help="rows per batch (default: 4)")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="at most this many padded tokens per batch as well (rows sorted by "
+                        "length, so short rows share a batch and long ones go a few at a time); "
+                        "bounds the fp32 logits at (tokens x vocabulary), which with a large "
+                        "vocabulary (Qwen's 151,936) and --batch-size alone grow with the longest "
+                        "row (default: rows only)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto = bf16 on GPU, fp32 on CPU (default: auto)")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (default: auto)")
@@ -56,10 +62,13 @@ def parse_args(argv=None):
         p.error("--skip-base needs --adapter-path")
     if args.batch_size < 1 or args.max_length < 2:
         p.error("--batch-size must be >= 1 and --max-length >= 2")
+    if args.max_batch_tokens is not None and args.max_batch_tokens < 1:
+        p.error("--max-batch-tokens must be >= 1")
     return args
 
 
-def per_row_nll(model, rows, pad_token_id, device, batch_size, autocast, desc, rank=0, world=1):
+def per_row_nll(model, rows, pad_token_id, device, batch_size, autocast, desc, rank=0, world=1,
+                max_batch_tokens=None):
     """(nll_sum, supervised_count) for every row, in row order, on rank 0 (None elsewhere);
     each process computes its share of the rows."""
     import torch
@@ -67,7 +76,7 @@ def per_row_nll(model, rows, pad_token_id, device, batch_size, autocast, desc, r
     lengths = [len(r["input_ids"]) for r in rows]
     mine = shard_indices(lengths, rank, world)
     found = {}
-    batches = length_sorted_batches([lengths[i] for i in mine], batch_size)
+    batches = length_sorted_batches([lengths[i] for i in mine], batch_size, max_batch_tokens)
     with torch.no_grad(), autocast():
         for batch in tqdm(batches, desc=desc, unit="batch", disable=rank != 0):
             indices = [mine[i] for i in batch]
@@ -130,7 +139,8 @@ def main(argv=None):
         started = time.perf_counter()
         with context:
             sums, counts = per_row_nll(model, rows, tokenizer.pad_token_id, device,
-                                       args.batch_size, autocast, f"eval {name}", rank, world)
+                                       args.batch_size, autocast, f"eval {name}", rank, world,
+                                       args.max_batch_tokens)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if rank != 0:
@@ -161,6 +171,8 @@ def write_report(args, manifest, base_model, rows, supervised, n_tokens, dtype, 
         "supervised_token_count": supervised,
         "token_count": n_tokens,
         "max_length": args.max_length,
+        "batch_size": args.batch_size,
+        "max_batch_tokens": args.max_batch_tokens,
         "dtype": str(dtype).replace("torch.", ""),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "processes": world,

@@ -99,6 +99,24 @@ def test_eval_loss_split_across_processes_matches_one_process(run_dir, adapters)
         assert b["finetuned_nll_sum"] == pytest.approx(a["finetuned_nll_sum"], rel=1e-5)
 
 
+def test_eval_loss_token_batches_match_row_batches(run_dir, adapters):
+    """--max-batch-tokens (the large-vocabulary memory bound) changes how rows are grouped, not
+    any row's number."""
+    common = ["--manifest", run_dir / "manifest.json", "--adapter-path", adapters[0],
+              "--max-length", MAX_LENGTH, "--batch-size", 8, "--device", "cpu", "--skip-base"]
+    run_script("eval_loss.py", *common, "--output-json", run_dir / "eval_rows.json")
+    run_script("eval_loss.py", *common, "--max-batch-tokens", 300,
+               "--output-json", run_dir / "eval_tokens.json")
+    rows, tokens = load(run_dir / "eval_rows.json"), load(run_dir / "eval_tokens.json")
+    assert (rows["max_batch_tokens"], tokens["max_batch_tokens"]) == (None, 300)
+    assert tokens["finetuned"]["loss"] == pytest.approx(rows["finetuned"]["loss"], rel=1e-5)
+    by_rows = [json.loads(x) for x in (run_dir / "eval_rows.per_example.jsonl").open()]
+    by_tokens = [json.loads(x) for x in (run_dir / "eval_tokens.per_example.jsonl").open()]
+    assert [r["row_id"] for r in by_tokens] == [r["row_id"] for r in by_rows]
+    for a, b in zip(by_rows, by_tokens):
+        assert b["finetuned_nll_sum"] == pytest.approx(a["finetuned_nll_sum"], rel=1e-5)
+
+
 def test_sae_features_split_across_processes_match_one_process(run_dir, tiny_model):
     run_script("train_sae.py", "--manifest", run_dir / "manifest.json", "--model-name",
                tiny_model, "--layer", 0, "--d-sae", 64, "--k", 8, "--steps", 60,
