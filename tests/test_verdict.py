@@ -584,6 +584,42 @@ def test_the_demo_is_a_small_verdict():
     assert rx.load_recipe(ROOT / "recipes" / "demo.toml", None, None, []).seeds == [1, 2]
 
 
+def test_the_scale_recipe_is_the_verdict_with_four_arms():
+    """recipes/verdict_scale.toml (a larger model in one GPU lease) runs verdict.toml's steps of
+    the same names with the same TOML, except the arms and compare steps, which list the arms the
+    scale comparison needs; no SAE or raw-score step, and no step of its own."""
+    import tomllib
+
+    from conftest import ROOT
+
+    steps = {name: {s["name"]: s for s in tomllib.loads(
+        (ROOT / "recipes" / f"{name}.toml").read_text())["steps"]}
+        for name in ("verdict_scale", "verdict")}
+    scale, verdict = steps["verdict_scale"], steps["verdict"]
+    assert set(scale) <= set(verdict)
+    differ = {name for name in scale if scale[name] != verdict[name]}
+    assert differ == {"arms", "compare_scratch", "compare_continue", "report"}, differ
+    four = ["attribution", "random", "longest", "reward"]
+    recipe, tasks = verdict_plan("verdict_scale")
+    by_key = {t.key: t for t in tasks}
+    assert flag(by_key["arms@seed1"], "--arms").split(",") == four
+    assert "--arm-scores" not in by_key["arms@seed1"].argv
+    trained = {(flag(t, "--init"), flag(t, "--train-split")) for t in tasks
+               if t.step.startswith("finetune_") and t.step != "finetune_base"}
+    assert trained == {(d, a) for d in DESIGNS for a in four}
+    for design in DESIGNS:
+        compare = by_key[f"compare_{design}"]
+        assert [compare.argv[i + 1].split("=")[0] for i, a in enumerate(compare.argv)
+                if a == "--arm"] == four
+        i = compare.argv.index("--baselines")
+        assert compare.argv[i + 1:i + 4] == ["random", "longest", "reward"]
+    assert not any("sae" in t.step or t.step == "score_raw" for t in tasks)
+    # report: the verdict's, with the optional inputs of the dropped steps left out
+    assert scale["report"]["run"] == verdict["report"]["run"]
+    assert scale["report"]["inputs"] == verdict["report"]["inputs"]
+    assert set(scale["report"]["optional_inputs"]) < set(verdict["report"]["optional_inputs"])
+
+
 # ---------------------------------------------------------------------------------------------
 # score.py --arms: the arms step on fabricated scores (no model needed)
 
