@@ -101,16 +101,20 @@ def test_eval_loss_split_across_processes_matches_one_process(run_dir, adapters)
 
 def test_eval_loss_token_batches_match_row_batches(run_dir, adapters):
     """--max-batch-tokens (the large-vocabulary memory bound) changes how rows are grouped, not
-    any row's number."""
-    common = ["--manifest", run_dir / "manifest.json", "--adapter-path", adapters[0],
-              "--max-length", MAX_LENGTH, "--batch-size", 8, "--device", "cpu", "--skip-base"]
-    run_script("eval_loss.py", *common, "--output-json", run_dir / "eval_rows.json")
-    run_script("eval_loss.py", *common, "--max-batch-tokens", 300,
-               "--output-json", run_dir / "eval_tokens.json")
-    rows, tokens = load(run_dir / "eval_rows.json"), load(run_dir / "eval_tokens.json")
+    any row's number: against the one-process file of the test above (3 rows a batch)."""
+    rows_file = run_dir / "eval_1.per_example.jsonl"
+    if not rows_file.exists():   # run alone (-k): make the one-process file here
+        run_script("eval_loss.py", "--manifest", run_dir / "manifest.json", "--adapter-path",
+                   adapters[0], "--max-length", MAX_LENGTH, "--batch-size", 3, "--device", "cpu",
+                   "--output-json", run_dir / "eval_1.json")
+    run_script("eval_loss.py", "--manifest", run_dir / "manifest.json", "--adapter-path",
+               adapters[0], "--max-length", MAX_LENGTH, "--batch-size", 8, "--device", "cpu",
+               "--skip-base", "--max-batch-tokens", 300, "--output-json",
+               run_dir / "eval_tokens.json")
+    rows, tokens = load(run_dir / "eval_1.json"), load(run_dir / "eval_tokens.json")
     assert (rows["max_batch_tokens"], tokens["max_batch_tokens"]) == (None, 300)
     assert tokens["finetuned"]["loss"] == pytest.approx(rows["finetuned"]["loss"], rel=1e-5)
-    by_rows = [json.loads(x) for x in (run_dir / "eval_rows.per_example.jsonl").open()]
+    by_rows = [json.loads(x) for x in rows_file.open()]
     by_tokens = [json.loads(x) for x in (run_dir / "eval_tokens.per_example.jsonl").open()]
     assert [r["row_id"] for r in by_tokens] == [r["row_id"] for r in by_rows]
     for a, b in zip(by_rows, by_tokens):
@@ -182,27 +186,23 @@ def test_multigpu_compare_reads_the_runs(run_dir, adapters):
     assert "| finetune | training loop | 2 |" in (run_dir / "compare" / "multigpu.md").read_text()
 
 
-def test_one_micro_batch_of_n_rows_trains_like_n_one_row_micro_batches(run_dir, tiny_model):
+def test_one_micro_batch_of_n_rows_trains_like_n_micro_batches(run_dir, tiny_model, adapters):
     """The speed lever recipes/taboo.toml takes for the seed's recipe: its 16 rows a step as one
     16-row micro-batch instead of 16 one-row micro-batches (launch-bound on a GPU). The loss is the
     step's summed token NLL over its supervised tokens either way, so the steps are the same
-    optimisation; here 8 rows a step, rows in file order (the seed preset does not group by
-    length), fp32 on the CPU."""
-    adapters = []
-    for batch_size, accumulation in ((8, 1), (1, 8)):
-        out = run_dir / f"adapter_{batch_size}x{accumulation}"
-        args = finetune_args(run_dir, tiny_model, out, accumulation)
-        args[args.index("--batch-size") + 1] = batch_size
-        run_script("finetune.py", *args, "--no-group-by-length", "--eval-split", "none")
-        adapters.append(out)
-    wide, narrow = (load(a / "train_metrics.json") for a in adapters)
-    assert (wide["micro_batches_per_step"], narrow["micro_batches_per_step"]) == (1, 8)
-    assert wide["optimizer_steps"] == narrow["optimizer_steps"] == 20  # 160 rows / 8
-    assert wide["supervised_tokens_seen"] == narrow["supervised_tokens_seen"]
-    losses_wide = [x["loss"] for x in wide["loss_curve"]]
-    losses_narrow = [x["loss"] for x in narrow["loss_curve"]]
-    assert losses_wide == pytest.approx(losses_narrow, rel=1e-4)
-    assert losses_wide[-1] < losses_wide[0]
-    weights_wide, weights_narrow = (adapter_weights(a) for a in adapters)
-    for name, value in weights_narrow.items():
-        np.testing.assert_allclose(weights_wide[name], value, rtol=1e-3, atol=1e-5, err_msg=name)
+    optimisation: here one 8-row micro-batch a step against adapter_1's two of 4 rows."""
+    wide = run_dir / "adapter_8x1"
+    args = finetune_args(run_dir, tiny_model, wide, 1)
+    args[args.index("--batch-size") + 1] = 8
+    run_script("finetune.py", *args)
+    narrow = adapters[0]
+    one, two = load(wide / "train_metrics.json"), load(narrow / "train_metrics.json")
+    assert (one["micro_batches_per_step"], two["micro_batches_per_step"]) == (1, 2)
+    assert one["optimizer_steps"] == two["optimizer_steps"] == 20  # 160 rows / 8
+    assert one["supervised_tokens_seen"] == two["supervised_tokens_seen"]
+    losses_one = [x["loss"] for x in one["loss_curve"]]
+    assert losses_one == pytest.approx([x["loss"] for x in two["loss_curve"]], rel=1e-4)
+    assert losses_one[-1] < losses_one[0]
+    weights_one, weights_two = (adapter_weights(a) for a in (wide, narrow))
+    for name, value in weights_two.items():
+        np.testing.assert_allclose(weights_one[name], value, rtol=1e-3, atol=1e-5, err_msg=name)
