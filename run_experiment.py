@@ -84,9 +84,8 @@ that was not there): one `error:` line per failed step, naming its log, each fol
 fails with CUDA's out-of-memory error (its log has "CUDA out of memory") is not a failure yet: the
 GPU is shared by the run's other steps and maybe by another run, so the memory it lacked may be
 free soon. Its log is kept as <log>.oom<n>.log and it goes back in the queue, to start again once
-another step of the run has ended or OOM_RETRY_WAIT_S have passed, at most --oom-retries times
-(then it fails as any step does). --dry-run prints
-each task's level in the DAG and the tasks it waits for. The state file is written only by the
+another step of the run has ended or a minute (OOM_RETRY_WAIT_S) has passed, at most
+--oom-retries times (then it fails as any step does). --dry-run prints each task's level in the DAG and the tasks it waits for. The state file is written only by the
 runner, from its one scheduling loop, atomically, after each success; commands.sh stays the
 sequential replay in recipe order.
 
