@@ -85,9 +85,10 @@ fails with CUDA's out-of-memory error (its log has "CUDA out of memory") is not 
 GPU is shared by the run's other steps and maybe by another run, so the memory it lacked may be
 free soon. Its log is kept as <log>.oom<n>.log and it goes back in the queue, to start again once
 another step of the run has ended or a minute (OOM_RETRY_WAIT_S) has passed, at most
---oom-retries times (then it fails as any step does). --dry-run prints each task's level in the DAG and the tasks it waits for. The state file is written only by the
-runner, from its one scheduling loop, atomically, after each success; commands.sh stays the
-sequential replay in recipe order.
+--oom-retries times (then it fails as any step does). --dry-run prints each task's level in
+the DAG and the tasks it waits for. The state file is written only by the runner, from its one
+scheduling loop, atomically, after each success; commands.sh stays the sequential replay in
+recipe order.
 
 One runner per run dir: <run_dir>/.runner.lock (an flock, holding pid, host and start time)
 is taken before anything is written and removed at the end; a second runner on the same run dir
