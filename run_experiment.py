@@ -81,12 +81,13 @@ stops the run, as above; with N > 1 a failure stops only the tasks that depend o
 through others), the rest run on, and the run ends with exit 1 (2 if every failure was an input
 that was not there): one `error:` line per failed step, naming its log, each followed by a
 `skipped because <step> failed: ...` line listing the tasks left out for it. With N > 1, a step that
-fails with CUDA's out-of-memory error (its log has "CUDA out of memory") is not a failure yet: the
-GPU is shared by the run's other steps and maybe by another run, so the memory it lacked may be
-free soon. Its log is kept as <log>.oom<n>.log and it goes back in the queue, to start again once
-another step of the run has ended or a minute (OOM_RETRY_WAIT_S) has passed, at most
---oom-retries times (then it fails as any step does). --dry-run prints each task's level in
-the DAG and the tasks it waits for. The state file is written only by the runner, from its one
+fails with CUDA's out-of-memory error (its log has "CUDA out of memory" or "CUDA error: out of
+memory") is not a failure yet: the GPU is shared by the run's other steps and maybe by another
+run, so the memory it lacked may be free soon. Its log is kept as <log>.oom<n>.log and it goes
+back in the queue, to start again once another step of the run has ended (other than by running
+out of memory itself) or a minute (OOM_RETRY_WAIT_S) has passed, at most --oom-retries times
+(then it fails as any step does). --dry-run prints each task's level in the DAG and the tasks it
+waits for. The state file is written only by the runner, from its one
 scheduling loop, atomically, after each success; commands.sh stays the sequential replay in
 recipe order.
 
@@ -148,7 +149,9 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 STEP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 GPU_ID = re.compile(r"^(\d+|(GPU|MIG)-[A-Za-z0-9./-]+)$")  # what CUDA_VISIBLE_DEVICES accepts
 POLL_S = 0.05  # how often the runner looks at its running steps (--jobs > 1)
-OOM_MARK = "CUDA out of memory"   # torch.OutOfMemoryError's message
+# torch.OutOfMemoryError's message, and torch.AcceleratorError's when the allocation that failed
+# was the CUDA runtime's own (seen on the H200: a subset training died of it beside five others)
+OOM_MARKS = ("CUDA out of memory", "CUDA error: out of memory")
 OOM_RETRY_WAIT_S = 60   # an out-of-memory step waits for another step to end, or this long
 
 
@@ -246,7 +249,8 @@ def parse_args(argv=None):
                              "`uv run python`")
     parser.add_argument("--oom-retries", type=int, default=2, metavar="N",
                         help="with --jobs > 1: start a step that ran out of GPU memory again, up "
-                             "to N times, once another step has ended (0: fail at once)")
+                             "to N times, once another step has ended other than out of memory, or "
+                             f"after {OOM_RETRY_WAIT_S} s (0: fail at once)")
     return parser.parse_args(argv)
 
 
@@ -866,7 +870,7 @@ class Scheduler:
         self.oom_retries = oom_retries
         self.retries: dict[int, int] = {}            # task -> out-of-memory restarts so far
         self.held: dict[int, tuple[int, float]] = {}  # task -> (steps ended, time) at its OOM
-        self.ended = 0                               # steps ended (succeeded or failed)
+        self.ended = 0             # steps ended (succeeded, or failed other than out of memory)
         self.run_dir = repo_path(recipe.run_dir)
         self.state = load_state(self.run_dir)
         self.deps = dependencies(tasks)
@@ -908,15 +912,19 @@ class Scheduler:
                 self.free.append(run.slot)
                 self.free.sort()
                 wall_s = time.time() - run.start
-                self.ended += 1
                 try:
                     check_finished(run.task, code, run.log_path)
                 except StepFailed as err:
+                    # a step that ran out of memory releases no held step: on the H200 ten
+                    # trainings ran out together and, each releasing the next, spent their
+                    # retries within a minute
                     if self.retry_after_oom(i, run, wall_s):
                         continue
+                    self.ended += 1
                     self.fail(i, err, f"failed after {wall_s:.1f} s{self.where(run.slot)}; "
                                       f"log: {run.log_path}")
                     continue
+                self.ended += 1
                 record_success(self.state, run.task, run.fp, wall_s, self.run_dir)
                 self.done.add(i)
             print(f"[runner] {run.task.key}: done in {wall_s:.1f} s{self.where(run.slot)}",
@@ -927,7 +935,8 @@ class Scheduler:
         start once another step has ended or after OOM_RETRY_WAIT_S; False: a real failure."""
         if self.sequential or self.retries.get(i, 0) >= self.oom_retries:
             return False
-        if OOM_MARK not in run.log_path.read_text(errors="replace"):
+        log_text = run.log_path.read_text(errors="replace")
+        if not any(mark in log_text for mark in OOM_MARKS):
             return False
         self.retries[i] = self.retries.get(i, 0) + 1
         kept = run.log_path.with_suffix(f".oom{self.retries[i]}.log")

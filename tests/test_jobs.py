@@ -55,6 +55,10 @@ if "--oom-once" in opts and not pathlib.Path(opts["--oom-once"][0]).exists():
     pathlib.Path(opts["--oom-once"][0]).write_text(name)
     print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 34.00 MiB.")
     sys.exit(1)
+if "--runtime-oom-once" in opts and not pathlib.Path(opts["--runtime-oom-once"][0]).exists():
+    pathlib.Path(opts["--runtime-oom-once"][0]).write_text(name)
+    print("torch.AcceleratorError: CUDA error: out of memory")
+    sys.exit(1)
 if "--fail" in opts:
     print("error: told to fail")
     sys.exit(int(opts["--fail"][0]))
@@ -279,7 +283,8 @@ def test_a_step_out_of_gpu_memory_starts_again_once_another_ends(tmp_path):
         "greedy": {"flags": "--sleep 1.0"},
         "starved": {"flags": "--oom-once {mark}"},
         "after": {"inputs": ["{run_dir}/starved.out"]},
-    }, mark=f"{tmp_path}/oom_seen")
+        "runtime_starved": {"flags": "--runtime-oom-once {runtime_mark}"},
+    }, mark=f"{tmp_path}/oom_seen", runtime_mark=f"{tmp_path}/runtime_oom_seen")
     run_dir = tmp_path / "run"
     result = ok(run(recipe, "--jobs", 2))
     lines = [l for l in result.stdout.splitlines() if l.startswith("[runner] starved:")]
@@ -290,6 +295,9 @@ def test_a_step_out_of_gpu_memory_starts_again_once_another_ends(tmp_path):
     starts = [e["t"] for e in evs if e["name"] == "starved" and e["event"] == "start"]
     assert len(starts) == 2 and starts[1] >= span(evs, "greedy")[1]  # after greedy ended
     assert (run_dir / "after.out").read_text() == "after"
+    # the CUDA runtime's own allocation failure (torch.AcceleratorError) is retried alike
+    assert "runtime_starved: out of GPU memory after" in result.stdout
+    assert (run_dir / "runtime_starved.out").read_text() == "runtime_starved"
     # retries used up (--oom-retries 0): an ordinary failure, and its dependants left out
     (tmp_path / "oom_seen").unlink()
     failed = run(recipe, "--jobs", 2, "--oom-retries", 0, "--force", "starved",
