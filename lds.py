@@ -29,6 +29,7 @@ ignores any positive factor per query, so sum- or mean-loss NLL and the seed sco
 normalisation do not change it. Baselines in the same table: random (tau ~ N(0, 1), drawn per
 query with --seed: about 0), length (tau(q, i) = supervised tokens of row i, the same for every
 query) and reward (reward_model_score; a row without one gets the pool mean).
+--pair A:B adds A's per-query LDS minus B's, paired by query row, with its CI over query rows.
 Writes <output-dir>/lds.json (every number, the per-query values, the inputs, provenance) and
 lds.md (the table). scipy.stats.spearmanr and scipy.stats.bootstrap do the statistics.
 """
@@ -91,6 +92,10 @@ def parse_args(argv=None):
                         "its row (default: the folder's name)")
     c.add_argument("--baselines", default=",".join(BASELINES),
                    help=f"comma-separated baselines ({', '.join(BASELINES)}; '' for none)")
+    c.add_argument("--pair", action="append", default=[], metavar="A:B",
+                   help="also report predictor A's LDS minus B's, paired by query row (both "
+                        "are read on the same query rows), with a bootstrap CI over query rows; "
+                        "repeatable")
     c.add_argument("--confidence", type=float, default=0.95, help="bootstrap interval level")
     c.add_argument("--bootstrap-resamples", type=int, default=2000,
                    help="bootstrap resamples (queries for the LDS, subsets for the aggregate)")
@@ -240,6 +245,44 @@ def lds_table(member, losses, predictors: dict, *, confidence: float = 0.95,
             for name, (tau, agg) in predictors.items()}
 
 
+def paired_differences(results: dict, pairs: list, *, confidence: float = 0.95,
+                       resamples: int = 2000, seed: int = 0) -> dict:
+    """{"A-B": predictor A's per-query LDS minus B's}: the mean over the query rows where both
+    have one, with a bootstrap CI over those rows. Two predictors are read on the same query
+    rows, so the per-row difference, not the two separate intervals, says whether one beats the
+    other."""
+    import numpy as np
+
+    out = {}
+    for a, b in pairs:
+        pa = np.array([math.nan if v is None else v for v in results[a]["per_query"]])
+        pb = np.array([math.nan if v is None else v for v in results[b]["per_query"]])
+        diff = (pa - pb)[np.isfinite(pa) & np.isfinite(pb)]
+        out[f"{a}-{b}"] = {
+            "a": a, "b": b, "n_queries": int(diff.size),
+            "difference": float(diff.mean()) if diff.size else None,
+            "difference_ci": (bootstrap_ci((diff,), np.mean, paired=False, confidence=confidence,
+                                           resamples=resamples, seed=seed, vectorized=True)
+                              if diff.size >= 2 and np.ptp(diff) > 0 else None),
+            "a_wins": int((diff > 0).sum())}
+    return out
+
+
+def parse_pairs(items: list, names) -> list:
+    """--pair A:B, each naming a predictor of the table."""
+    pairs = []
+    for item in items:
+        a, sep, b = item.partition(":")
+        if not sep or not a or not b:
+            raise PipelineError(f"--pair {item}: expected A:B, two predictor names")
+        for name in (a, b):
+            if name not in names:
+                raise PipelineError(f"--pair {item}: no predictor {name} (the table has "
+                                    f"{', '.join(names)})")
+        pairs.append((a, b))
+    return pairs
+
+
 # ---------------------------------------------------------------------------------------------
 # compute: inputs
 
@@ -383,7 +426,7 @@ def fmt(value, ci) -> str:
     return f"{value:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
 
 
-def markdown(results: dict, sources: dict, info: dict, args) -> str:
+def markdown(results: dict, sources: dict, info: dict, args, pairs: dict) -> str:
     level = f"{args.confidence:.0%}"
     sizes = "-".join(map(str, sorted({min(info["subset_rows"]), max(info["subset_rows"])})))
     lines = [f"# Linear datamodeling score ({info['subsets']} subsets of "
@@ -403,6 +446,12 @@ def markdown(results: dict, sources: dict, info: dict, args) -> str:
                                          "projection_dim") if source.get(k) is not None)
         lines.append(f"| {name} | {kind} | {fmt(r['lds'], r['lds_ci'])} | {r['n_queries']} | "
                      f"{fmt(r['aggregate_lds'], r['aggregate_lds_ci'])} | {setting} |")
+    if pairs:
+        lines += ["", f"Paired by query row: A's per-query LDS minus B's ({level} bootstrap CI "
+                      "over query rows; A wins: query rows where A's is higher).", "",
+                  "| A - B | difference [CI] | A wins | query rows |", "| --- | --- | --- | --- |"]
+        lines += [f"| {p['a']} - {p['b']} | {fmt(p['difference'], p['difference_ci'])} | "
+                  f"{p['a_wins']} | {p['n_queries']} |" for p in pairs.values()]
     losses = info["subset_mean_loss"]
     lines += ["", f"Mean query loss per subset: {losses['mean']:.4f} (sd over subsets "
                   f"{losses['sd']:.4f}, min {losses['min']:.4f}, max {losses['max']:.4f}).",
@@ -440,8 +489,11 @@ def compute(args) -> None:
         if name in predictors:
             raise PipelineError(f"--scores-from {name} has a baseline's name")
         predictors[name], sources[name] = predictor, {"baseline": BASELINES[name]}
+    pairs = parse_pairs(args.pair, list(predictors))
     results = lds_table(member, losses, predictors, confidence=args.confidence,
                         resamples=args.bootstrap_resamples, seed=args.seed)
+    differences = paired_differences(results, pairs, confidence=args.confidence,
+                                     resamples=args.bootstrap_resamples, seed=args.seed)
 
     subset_mean = losses.mean(axis=1)
     info = {**{k: info[k] for k in ("pool_size", "subsets", "alpha", "alpha_effective",
@@ -457,10 +509,11 @@ def compute(args) -> None:
               "bootstrap": {"method": "percentile", "resamples": args.bootstrap_resamples,
                             "seed": args.seed}, "draw": info, "board_reference": BOARD,
               "predictors": {name: {**sources[name], **results[name]} for name in results},
+              "pairs": differences,
               "provenance": provenance(seed=args.seed, manifest=str(folder / "manifest.json"))}
     with staged_output(output_dir, SCRIPT) as staged:
         write_json_atomic(staged / "lds.json", report)
-        (staged / "lds.md").write_text(markdown(results, sources, info, args))
+        (staged / "lds.md").write_text(markdown(results, sources, info, args, differences))
     print("; ".join(f"{name} LDS {fmt(r['lds'], None)}" for name, r in results.items())
           + f"; wrote {output_dir}")
 

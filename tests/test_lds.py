@@ -46,6 +46,15 @@ def test_true_attributions_score_near_one_and_random_near_zero():
     assert reversed_["lds"] < -0.9
     assert abs(random["lds"]) < 0.1 and random["lds_ci"][0] < 0 < random["lds_ci"][1]
     assert true["n_queries"] == beta.shape[0] and len(true["per_query"]) == beta.shape[0]
+    # paired by query row: true beats random on every row; the difference is the per-row mean
+    pairs = lds.paired_differences(table, lds.parse_pairs(["true:random"], list(table)),
+                                   resamples=500)
+    pair = pairs["true-random"]
+    assert pair["difference"] == pytest.approx(np.mean(np.subtract(true["per_query"],
+                                                                   random["per_query"])))
+    assert pair["difference_ci"][0] > 0.8 and pair["a_wins"] == pair["n_queries"] == beta.shape[0]
+    with pytest.raises(lds.PipelineError, match="no predictor truth"):
+        lds.parse_pairs(["truth:random"], list(table))
     # the per-query value is scipy's Spearman of the summed scores against minus the loss
     from scipy.stats import spearmanr
     pred = member.astype(float) @ -beta[3]
@@ -247,6 +256,7 @@ def test_end_to_end_table(e2e):
     report = json.loads((run_dir / "lds" / "lds.json").read_text())
     assert list(report["predictors"]) == ["seed_p16", "bergson_p16", "random", "length", "reward"]
     assert report["n_queries"] == 8 and report["draw"]["subsets"] == 4
+    assert list(report["pairs"]) == ["bergson_p16-seed_p16"]   # the pairs of what ran
     for name, entry in report["predictors"].items():
         values = [v for v in entry["per_query"] if v is not None]
         assert len(entry["per_query"]) == 8 and all(-1 <= v <= 1 for v in values), name
