@@ -30,8 +30,8 @@ normalisation do not change it. Baselines in the same table: random (tau ~ N(0, 
 query with --seed: about 0), length (tau(q, i) = supervised tokens of row i, the same for every
 query) and reward (reward_model_score; a row without one gets the pool mean).
 --pair A:B adds A's per-query LDS minus B's, paired by query row, with its CI over query rows.
-Writes <output-dir>/lds.json (every number, the per-query values, the inputs, provenance) and
-lds.md (the table). scipy.stats.spearmanr and scipy.stats.bootstrap do the statistics.
+Writes <output-dir>/lds.json (every number, the per-query values, the inputs, provenance),
+lds.md (the table) and lds.png (every query row's LDS per predictor). scipy.stats.spearmanr and scipy.stats.bootstrap do the statistics.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ DEFINITION = ("per-query LDS(q) = Spearman over subsets m of (sum_{i in S_m} tau
               "-loss_q(S_m)); LDS = its mean over query rows; aggregate LDS = Spearman over m of "
               "(sum_{i in S_m} s_i, -mean_q loss_q(S_m)), s_i = mean_q tau(q, i)")
 # bergson's public LDS board (SmolLM2, 8k documents: another model and data set), for the table
-BOARD = "bergson's board (SmolLM2, 8k docs; other model/data): TrackStar 0.133, EK-FAC 0.361, " \
-        "MAGIC 0.974 (per-query LDS)"
+BOARD_LDS = {"TrackStar": 0.133, "EK-FAC": 0.361, "MAGIC": 0.974}
+BOARD = ("bergson's board (SmolLM2, 8k docs; other model/data): "
+         + ", ".join(f"{name} {value}" for name, value in BOARD_LDS.items()) + " (per-query LDS)")
 
 
 def parse_args(argv=None):
@@ -459,6 +460,41 @@ def markdown(results: dict, sources: dict, info: dict, args, pairs: dict) -> str
     return "\n".join(lines)
 
 
+def plot(path: Path, results: dict, sources: dict) -> None:
+    """Every query row's LDS per predictor (dots), their mean and CI (bar), and bergson's board
+    values as reference lines (another model and data set)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(8, 1.0 + 0.42 * len(names)))
+    jitter = np.random.default_rng(0)
+    for y, name in enumerate(names):
+        r = results[name]
+        values = np.array([v for v in r["per_query"] if v is not None])
+        color = "tab:grey" if sources[name].get("baseline") else "tab:blue"
+        ax.scatter(values, y + jitter.uniform(-0.18, 0.18, values.size), s=6, alpha=0.35,
+                   color=color, linewidths=0)
+        if r["lds"] is not None:
+            low, high = r["lds_ci"] or (r["lds"], r["lds"])
+            ax.errorbar(r["lds"], y, xerr=[[r["lds"] - low], [high - r["lds"]]], fmt="s",
+                        color="black", capsize=3, ms=4)
+    for label, value in BOARD_LDS.items():
+        ax.axvline(value, color="tab:red", lw=0.8, ls=":")
+        ax.text(value, -0.9, label, color="tab:red", fontsize=7, ha="center")
+    ax.axvline(0, color="grey", lw=0.8, ls="--")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_ylim(len(names) - 0.5, -1.2)
+    ax.set_xlabel("per-query LDS (Spearman over subsets); square: mean, bar: CI over query rows")
+    ax.set_title("LDS per query row (red: bergson's board, another model and data set)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def compute(args) -> None:
     import numpy as np
 
@@ -514,6 +550,7 @@ def compute(args) -> None:
     with staged_output(output_dir, SCRIPT) as staged:
         write_json_atomic(staged / "lds.json", report)
         (staged / "lds.md").write_text(markdown(results, sources, info, args, differences))
+        plot(staged / "lds.png", results, sources)
     print("; ".join(f"{name} LDS {fmt(r['lds'], None)}" for name, r in results.items())
           + f"; wrote {output_dir}")
 

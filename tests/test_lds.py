@@ -261,6 +261,7 @@ def test_end_to_end_table(e2e):
         values = [v for v in entry["per_query"] if v is not None]
         assert len(entry["per_query"]) == 8 and all(-1 <= v <= 1 for v in values), name
         assert entry["lds"] is None or entry["lds"] == pytest.approx(np.mean(values))
+    assert (run_dir / "lds" / "lds.png").read_bytes()[:4] == b"\x89PNG"
     table = (run_dir / "lds" / "lds.md").read_text()
     assert "| seed_p16 | score |" in table and "| length | baseline |" in table
     assert report["provenance"]["argv"][0] == "lds.py"
