@@ -12,7 +12,9 @@
 #   bash device/setup.sh qwen   carry .model/qwen/qwen.gguf.part-XX (one part a call, after stage 1;
 #                            device/fetch_carry.sh qwen makes the nine): parks the part in
 #                            /tmp/parts_qwen; once all are there, joins them (sha256 checked) and
-#                            prepare_model.py converts the model to $QWEN_MODEL
+#                            prepare_model.py converts the model to $QWEN_MODEL. Carry .model/data
+#                            with one of the parts (~5 MB more) and the real data goes where the
+#                            recipes read it, as stage 2 does: a Qwen-only lease needs no stage 2
 set -euo pipefail
 source device/env.sh
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
@@ -57,6 +59,7 @@ print('imports ok: transformers', transformers.__version__, 'peft', peft.__versi
     mkdir -p /tmp/parts_qwen
     cp .model/qwen/qwen.gguf.part-* /tmp/parts_qwen/ 2>/dev/null \
       || { echo "error: no .model/qwen/qwen.gguf.part-* carried (device/fetch_carry.sh qwen makes them)"; exit 2; }
+    if [ -d .model/data ]; then mkdir -p ../shared/data && cp -r .model/data/. ../shared/data/; fi
     have=$(cat /tmp/parts_qwen/qwen.gguf.part-* | wc -c)
     echo "parts here: $(ls /tmp/parts_qwen | tr '\n' ' ')($have of $QWEN_BYTES bytes)"
     if [ "$have" -eq "$QWEN_BYTES" ]; then
