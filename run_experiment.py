@@ -86,10 +86,12 @@ memory") is not a failure yet: the GPU is shared by the run's other steps and ma
 run, so the memory it lacked may be free soon. Its log is kept as <log>.oom<n>.log and it goes
 back in the queue, to start again once another step of the run has ended (other than by running
 out of memory itself) or a minute (OOM_RETRY_WAIT_S) has passed, at most --oom-retries times
-(then it fails as any step does). --dry-run prints each task's level in the DAG and the tasks it
-waits for. The state file is written only by the runner, from its one
-scheduling loop, atomically, after each success; commands.sh stays the sequential replay in
-recipe order.
+(then it fails as any step does). --min-free-gib G (with N > 1) starts a step on a GPU where
+steps of the run are running only while nvidia-smi reports G GiB free there, plus G for each step
+started there in the last SETTLE_S seconds (a fresh step has not reached its peak). --dry-run
+prints each task's level in the DAG and the tasks it waits for. The state file is written only
+by the runner, from its one scheduling loop, atomically, after each success; commands.sh stays
+the sequential replay in recipe order.
 
 One runner per run dir: <run_dir>/.runner.lock (an flock, holding pid, host and start time)
 is taken before anything is written and removed at the end; a second runner on the same run dir
@@ -113,6 +115,7 @@ import functools
 import glob
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -153,6 +156,8 @@ POLL_S = 0.05  # how often the runner looks at its running steps (--jobs > 1)
 # was the CUDA runtime's own (seen on the H200: a subset training died of it beside five others)
 OOM_MARKS = ("CUDA out of memory", "CUDA error: out of memory")
 OOM_RETRY_WAIT_S = 60   # an out-of-memory step waits for another step to end, or this long
+SETTLE_S = 30   # --min-free-gib: a step started this recently may not hold its memory yet
+FREE_MEMORY_CACHE_S = 2.0   # --min-free-gib: nvidia-smi is asked at most this often
 
 
 class RunnerError(PipelineError):
@@ -251,6 +256,11 @@ def parse_args(argv=None):
                         help="with --jobs > 1: start a step that ran out of GPU memory again, up "
                              "to N times, once another step has ended other than out of memory, or "
                              f"after {OOM_RETRY_WAIT_S} s (0: fail at once)")
+    parser.add_argument("--min-free-gib", type=float, default=0, metavar="G",
+                        help="with --jobs > 1: start a step on a GPU where steps of the run are "
+                             "running only while nvidia-smi reports G GiB free there, plus G for "
+                             f"each step started there in the last {SETTLE_S} s (not yet at its "
+                             "peak); 0: off")
     return parser.parse_args(argv)
 
 
@@ -865,8 +875,11 @@ class Scheduler:
     (every POLL_S) is what lets a plain signal handler interrupt the wait at any moment."""
 
     def __init__(self, recipe: Recipe, tasks: list[Task], forced: set[str], python: str,
-                 slots: list[str | None], oom_retries: int = 0):
+                 slots: list[str | None], oom_retries: int = 0, min_free_gib: float = 0):
         self.tasks, self.forced, self.python, self.slots = tasks, forced, python, slots
+        self.min_free_mib = 0 if len(slots) == 1 else min_free_gib * 1024
+        self.free_read: tuple[float, dict] = (-math.inf, {})
+        self.waiting_for = None   # (GPU, steps settling) of the last "waiting" line
         self.oom_retries = oom_retries
         self.retries: dict[int, int] = {}            # task -> out-of-memory restarts so far
         self.held: dict[int, tuple[int, float]] = {}  # task -> (steps ended, time) at its OOM
@@ -989,7 +1002,12 @@ class Scheduler:
                 print(f"[runner] {task.key}: {decision}", flush=True)
                 self.done.add(i)
                 continue
-            slot = self.free.pop(0)
+            slot = next((s for s in self.free if self.memory_allows(s)), None)
+            if slot is None:   # no GPU with a free slot has the memory yet: wait
+                self.pending.append(i)
+                self.pending.sort()
+                return
+            self.free.remove(slot)
             print(f"[runner] {task.key}: {decision}{self.where(slot)}: {shlex.join(task.argv)}",
                   flush=True)
             fp = fingerprint(task)  # inputs as they are before the step runs
@@ -1002,6 +1020,40 @@ class Scheduler:
                 self.fail(i, err, f"not started: {err}")
                 continue
             self.running[i] = Running(task, slot, step, log_path, fp, start)
+
+    def memory_allows(self, slot: int) -> bool:
+        """--min-free-gib: the slot's GPU has G GiB free beyond G for each step running there
+        that started in the last SETTLE_S; always, when no step of the run runs there (the run
+        goes on)."""
+        if not self.min_free_mib:
+            return True
+        gpu = self.slots[slot]
+        if not any(self.slots[run.slot] == gpu for run in self.running.values()):
+            return True
+        now = time.time()
+        if now - self.free_read[0] > FREE_MEMORY_CACHE_S:
+            self.free_read = (now, gpu_free_mib())
+        free = self.free_read[1]
+        # an unpinned slot sees every GPU the runner sees
+        visible = [gpu] if gpu is not None else (
+            [g.strip() for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",")]
+            if os.environ.get("CUDA_VISIBLE_DEVICES") else list(free))
+        if any(g not in free for g in visible):
+            raise RunnerError(f"--min-free-gib: nvidia-smi lists no GPU {visible} "
+                              f"(it lists {', '.join(free) or 'none'})")
+        available = min(free[g] for g in visible)
+        settling = sum(1 for run in self.running.values()
+                       if self.slots[run.slot] == gpu and now - run.start < SETTLE_S)
+        if available - settling * self.min_free_mib >= self.min_free_mib:
+            self.waiting_for = None
+            return True
+        if self.waiting_for != (gpu, settling):   # one line per change, not one per poll
+            print(f"[runner] waiting for GPU memory: {available / 1024:.1f} GiB free"
+                  f"{f' on GPU {gpu}' if gpu is not None else ''}, {settling} step(s) started "
+                  f"there in the last {SETTLE_S} s; the next starts at "
+                  f"{(settling + 1) * self.min_free_mib / 1024:g} GiB free", flush=True)
+            self.waiting_for = (gpu, settling)
+        return False
 
     def fail(self, i: int, err: Exception, note: str) -> None:
         if self.sequential:
@@ -1057,8 +1109,26 @@ def signals_held():
 
 
 def execute(recipe: Recipe, tasks: list[Task], forced: set[str], python: str,
-            slots: list[str | None], oom_retries: int = 0) -> None:
-    Scheduler(recipe, tasks, forced, python, slots, oom_retries).run()
+            slots: list[str | None], oom_retries: int = 0, min_free_gib: float = 0) -> None:
+    Scheduler(recipe, tasks, forced, python, slots, oom_retries, min_free_gib).run()
+
+
+def gpu_free_mib() -> dict[str, int]:
+    """{GPU index: free MiB} as nvidia-smi reports them (--min-free-gib)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.free",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise RunnerError(f"--min-free-gib needs nvidia-smi: {err}") from err
+    if out.returncode != 0:
+        raise RunnerError(f"--min-free-gib: nvidia-smi failed: {out.stderr.strip()[:200]}")
+    try:
+        return {index.strip(): int(float(free)) for index, free in
+                (line.split(",") for line in out.stdout.strip().splitlines())}
+    except ValueError as err:
+        raise RunnerError(f"--min-free-gib: cannot read nvidia-smi's output "
+                          f"{out.stdout.strip()[:200]!r}") from err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1133,6 +1203,8 @@ def main(argv=None) -> None:
     slots = plan_slots(args.jobs, args.gpus)
     if args.oom_retries < 0:
         raise RunnerError(f"--oom-retries {args.oom_retries}: must be 0 or more")
+    if args.min_free_gib < 0:
+        raise RunnerError(f"--min-free-gib {args.min_free_gib}: must be 0 or more")
     tasks = plan_tasks(recipe)
     check_inputs_declared(recipe, tasks)
     text = commands_text(recipe, tasks)
@@ -1154,7 +1226,8 @@ def main(argv=None) -> None:
         if slots != [None]:
             print(f"[runner] up to {len(slots)} step(s) at once; slots: {describe_slots(slots)}",
                   flush=True)
-        execute(recipe, tasks, set(args.force), args.python, slots, args.oom_retries)
+        execute(recipe, tasks, set(args.force), args.python, slots, args.oom_retries,
+                args.min_free_gib)
     finally:
         lock.release()
         for signum, handler in handlers.items():  # main() may run inside another program

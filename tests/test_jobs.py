@@ -312,6 +312,39 @@ def test_a_step_out_of_gpu_memory_starts_again_once_another_ends(tmp_path):
     assert run(recipe, "--jobs", 2, "--oom-retries", -1).returncode == 2
 
 
+def test_min_free_gib_starts_a_step_only_while_the_gpu_has_the_memory(tmp_path):
+    """--min-free-gib G: a step starts beside others only while nvidia-smi (here a fake that
+    reports a file's numbers) shows G GiB free, plus G for each step started in the last 30 s
+    and still running (not yet at its peak). Too little: one step at a time; room for two: two,
+    the third once one ended; plenty: all three at once; no nvidia-smi: a clear error."""
+    recipe = write_recipe(tmp_path, {n: {"flags": "--sleep 1.0"} for n in ("a", "b", "c")})
+    (tmp_path / "bin").mkdir()
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.write_text(f'#!/bin/sh\ncat "{tmp_path}/free.csv"\n')
+    smi.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env["PATH"] = f"{tmp_path / 'bin'}:{env['PATH']}"
+
+    def spans_with(free_mib: int, *args) -> tuple[str, list]:
+        (tmp_path / "free.csv").write_text(f"0, {free_mib}\n")
+        (tmp_path / "events.jsonl").unlink(missing_ok=True)
+        result = ok(run(recipe, "--jobs", 3, "--min-free-gib", 1, *args, env=env,
+                        run_dir=tmp_path / f"run_{free_mib}"))
+        evs = events(tmp_path)
+        return result.stdout, sorted(span(evs, name) for name in "abc")
+
+    stdout, (a, b, c) = spans_with(500, "--gpus", "0")
+    assert a[1] <= b[0] and b[1] <= c[0], (a, b, c)                 # one at a time
+    assert "waiting for GPU memory: 0.5 GiB free on GPU 0, 1 step(s) started" in stdout
+    _, (a, b, c) = spans_with(2500, "--gpus", "0")
+    assert b[0] < a[1] and c[0] >= min(a[1], b[1]), (a, b, c)        # two, then the third
+    _, (a, b, c) = spans_with(100_000)                                # unpinned: every GPU
+    assert c[0] < a[1] and c[0] < b[1], (a, b, c)                     # all three at once
+    env["PATH"] = str(tmp_path / "empty")
+    missing = run(recipe, "--jobs", 3, "--min-free-gib", 1, env=env, run_dir=tmp_path / "none")
+    assert missing.returncode == 2 and "--min-free-gib needs nvidia-smi" in missing.stderr
+
+
 def test_sigterm_mid_run_then_resume_loses_nothing(tmp_path):
     hold = tmp_path / "hold"
     hold.write_text("")
