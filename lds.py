@@ -31,7 +31,8 @@ query with --seed: about 0), length (tau(q, i) = supervised tokens of row i, the
 query) and reward (reward_model_score; a row without one gets the pool mean).
 --pair A:B adds A's per-query LDS minus B's, paired by query row, with its CI over query rows.
 Writes <output-dir>/lds.json (every number, the per-query values, the inputs, provenance),
-lds.md (the table) and lds.png (every query row's LDS per predictor). scipy.stats.spearmanr and scipy.stats.bootstrap do the statistics.
+lds.md (the table) and lds.png (every query row's LDS per predictor). scipy.stats.spearmanr and
+scipy.stats.bootstrap do the statistics.
 """
 
 from __future__ import annotations

@@ -989,6 +989,11 @@ class Scheduler:
             i = next((i for i in self.pending if self.ready(i)), None)
             if i is None:
                 return
+            # before the task's checks and fingerprint: a wait for memory must not redo them
+            # every poll
+            slot = next((s for s in self.free if self.memory_allows(s)), None)
+            if slot is None:   # no GPU with a free slot has the memory yet
+                return
             self.pending.remove(i)
             task = self.tasks[i]
             if not (task.optional and not repo_path(task.argv[0]).is_file()):
@@ -1002,11 +1007,6 @@ class Scheduler:
                 print(f"[runner] {task.key}: {decision}", flush=True)
                 self.done.add(i)
                 continue
-            slot = next((s for s in self.free if self.memory_allows(s)), None)
-            if slot is None:   # no GPU with a free slot has the memory yet: wait
-                self.pending.append(i)
-                self.pending.sort()
-                return
             self.free.remove(slot)
             print(f"[runner] {task.key}: {decision}{self.where(slot)}: {shlex.join(task.argv)}",
                   flush=True)
