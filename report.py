@@ -849,6 +849,22 @@ def compare_poolings(predictors: dict) -> str | None:
     return ("Out of fold, " + "; ".join(parts) + ".") if parts else None
 
 
+def arm_subset_diagnostics(arms_summary: dict, finite_scores: list[float]) -> dict:
+    """The top-k / matched-random diagnostics from the arms step's summary, where the scores
+    file carries no subset flags (score.py --scores-only, then --scores-from per seed)."""
+    arms = arms_summary.get("arms", {})
+    top, random_k = arms.get("attribution"), arms.get("random")
+    if not top:
+        return {}
+    k = top["rows"]
+    return {"k": k, "top_k_cut": finite_scores[-k] if 0 < k <= len(finite_scores) else None,
+            "mean_score_top_k": top.get("mean_score"),
+            "mean_score_matched_random_k": (random_k or {}).get("mean_score"),
+            "matched_random_rows": (random_k or {}).get("rows", 0),
+            "supervised_tokens_top_k": top.get("supervised_tokens", 0),
+            "supervised_tokens_matched_random_k": (random_k or {}).get("supervised_tokens", 0)}
+
+
 def attribution_section(seeds: dict[str, Path], run_dir: Path) -> tuple[dict, dict]:
     """(attribution diagnostics, planted-signal results); also keeps the per-row data for plots
     under the private key '_rows'."""
@@ -882,6 +898,10 @@ def attribution_section(seeds: dict[str, Path], run_dir: Path) -> tuple[dict, di
                                                           for r in random_k),
                 "_rows": rows,
             })
+            arms_path = folder / ARMS_SUMMARY_FILE
+            if not top and arms_path.is_file():  # the verdict's layout: the arms step's subsets
+                entry.update(arm_subset_diagnostics(read_json(arms_path, "arms summary"),
+                                                    sorted(r["score"] for r in finite)))
             summary_path = scores_path.parent / "summary.json"
             if summary_path.is_file():
                 summary = read_json(summary_path, "score summary")

@@ -217,6 +217,19 @@ def test_verdict_sentence_follows_the_table(tmp_path, case):
     assert (run / "report" / "verdict_seeds.png").stat().st_size > 1000
 
 
+def test_attribution_diagnostics_read_the_arms_step(tmp_path):
+    """The verdict's scores carry no subset flags (--scores-only): the diagnostics take k, the
+    top-k cut and the subsets' scores and tokens from each seed's arms summary."""
+    run = fabricate_verdict_run(tmp_path / "run", {"scratch": {"attribution": (0.01, 0.001)}})
+    write_jsonl(run / "scores" / "train_scores.jsonl",
+                [{"row_id": f"pool:{i}", "score": float(i)} for i in range(100)])
+    diagnostics = verdict_report(run)[0]["attribution"]["per_seed"]["seed_1"]
+    assert diagnostics["k"] == 40 and diagnostics["top_k_cut"] == 60.0   # the 40th highest
+    assert diagnostics["matched_random_rows"] == 40
+    assert (diagnostics["supervised_tokens_top_k"],
+            diagnostics["supervised_tokens_matched_random_k"]) == (2001, 1501)
+
+
 def test_verdict_sentence_when_the_designs_disagree(tmp_path):
     run = fabricate_verdict_run(tmp_path / "run", {"scratch": {"attribution": (-0.05, 0.004)},
                                                    "continue": {"attribution": (0.0, 0.03)}})
