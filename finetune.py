@@ -171,8 +171,10 @@ def parse_args(argv=None):
                         "handle natively and sdpa through a block-diagonal mask over the whole "
                         "micro-batch")
     p.add_argument("--attn-implementation", default="sdpa",
-                   help="attention kernel the model loads with (sdpa, eager, "
-                        "flash_attention_2, ...)")
+                   help="attention kernel the model loads with: sdpa (PyTorch's SDPA without "
+                        "its cuDNN backend, which trained Qwen2.5 to a NaN loss on the H200), "
+                        "sdpa_cudnn (SDPA with PyTorch's own backend choice), eager, "
+                        "flash_attention_2, ...")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="weights/compute dtype: auto = bf16 on GPU, fp32 on CPU")
     p.add_argument("--device", default="auto",

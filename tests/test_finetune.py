@@ -279,3 +279,22 @@ def test_bad_flag_combinations(run_dir, tiny_model, tmp_path):
                  mentions=["--step-tokens 10", "16 micro-batches", "--gradient-accumulation"])
     expect_error(out, *common, "--preset", "fast", "--max-batch-tokens", 64,
                  mentions=["--max-batch-tokens 64", "padded tokens"])
+
+
+def test_sdpa_leaves_out_the_cudnn_backend_unless_asked(tiny_model):
+    """--attn-implementation sdpa is SDPA without cuDNN (it trained Qwen2.5 to NaN on the
+    H200); sdpa_cudnn is SDPA with PyTorch's own backend choice; both load as transformers'
+    sdpa."""
+    import torch
+
+    from pipeline import SDPA_CUDNN, load_base_model
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        for name, loads_as, cudnn in [("sdpa", "sdpa", False), (SDPA_CUDNN, "sdpa", True),
+                                      ("eager", "eager", False)]:
+            model = load_base_model(str(tiny_model), torch.float32, torch.device("cpu"), name)
+            assert model.config._attn_implementation == loads_as, name
+            assert torch.backends.cuda.cudnn_sdp_enabled() is cudnn, name
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
