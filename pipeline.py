@@ -520,11 +520,10 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-# PyTorch's SDPA picks its cuDNN backend for bf16 with a padding mask on H100/H200; on the H200
-# it turned Qwen2.5-Coder-0.5B's training loss NaN at step 69 of the base adapter (2026-12-02;
-# the memory-efficient backend and eager trained the same steps to equal losses), and it costs
-# ~1.9 ms of CPU per call when the shapes change every batch. So "sdpa" is SDPA without cuDNN;
-# SDPA_CUDNN keeps PyTorch's own choice of backend.
+# With PyTorch's cuDNN SDPA backend allowed, Qwen2.5-Coder-0.5B's training loss turned NaN at
+# step 69 of the base adapter on the H200 (2026-12-02; SDPA with cuDNN off and eager trained the
+# same steps to equal losses), and cuDNN attention costs ~1.9 ms of CPU per call when the shapes
+# change every batch. So "sdpa" is SDPA without cuDNN; SDPA_CUDNN keeps PyTorch's own choice.
 SDPA_CUDNN = "sdpa_cudnn"
 
 
