@@ -175,6 +175,11 @@ def parse_args(argv=None):
                         "its cuDNN backend, which trained Qwen2.5 to a NaN loss on the H200), "
                         "sdpa_cudnn (SDPA with PyTorch's own backend choice), eager, "
                         "flash_attention_2, ...")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="compile the model with torch.compile (inductor, dynamic shapes; the "
+                        "Trainer's torch_compile): fewer, fused kernels for a launch-bound step, "
+                        "paid for by compile time at the first steps (train_metrics.json's loss "
+                        "curve times every step)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="weights/compute dtype: auto = bf16 on GPU, fp32 on CPU")
     p.add_argument("--device", default="auto",
@@ -470,6 +475,7 @@ def trainer_classes():
             if args.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(args.device)
             self.started = time.perf_counter()
+            self.step_elapsed = []  # loop seconds at each step's end (compile cost shows early)
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.profile_steps and state.global_step == self.profile_first:
@@ -478,6 +484,8 @@ def trainer_classes():
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step in self.epoch_end_steps:
                 control.should_evaluate = True
+            self.step_elapsed.append(time.perf_counter() - self.started
+                                     - self.trainer.paused_seconds)
             if self.profiler is not None and state.global_step == self.profile_last:
                 self.profile_summary, self.profile_table = stop_profiler(
                     self.profiler, self.profile_started, self.profile_last - self.profile_first,
@@ -643,7 +651,8 @@ def build_trainer(args, model, tokenizer, train_rows, eval_rows, plan, sampler, 
         gradient_checkpointing_kwargs={"use_reentrant": False},
         # rows arrive tokenized and truncated by tokenize_example
         completion_only_loss=True, max_length=None, padding_free=args.padding_free,
-        ddp_find_unused_parameters=False, dataloader_num_workers=0)
+        ddp_find_unused_parameters=False, dataloader_num_workers=0,
+        torch_compile=args.torch_compile)
     # eval rows longest first: little padding, and an out-of-memory shows at the first batch
     eval_rows = sorted(eval_rows, key=lambda r: -len(r["input_ids"])) if evaluating else None
     trainer = CompletionTrainer(
@@ -675,7 +684,9 @@ def run_record(trainer, recorder, plan, args, eval_rows) -> dict:
     train_logs = [x for x in trainer.state.log_history if "loss" in x and "step" in x]
     curve = [{"step": x["step"], "epoch": plan["step_epoch"][x["step"] - 1], "loss": x["loss"],
               "lr": x.get("learning_rate"), "grad_norm": x.get("grad_norm"),
-              "rows": rows[x["step"] - 1], "supervised_tokens": supervised[x["step"] - 1]}
+              "rows": rows[x["step"] - 1], "supervised_tokens": supervised[x["step"] - 1],
+              "tokens_so_far": int(x["num_tokens"]),
+              "elapsed_s": recorder.step_elapsed[x["step"] - 1]}
              for x in train_logs]
     evals = [dict(e, epoch=plan["step_epoch"][e["step"] - 1] if e["step"] else None)
              for e in trainer.evals]
@@ -735,6 +746,7 @@ def write_outputs(staged: Path, output_dir: Path, trainer, recorder, record, pla
         "dtype": str(dtype).replace("torch.", ""),
         "padding_free": args.padding_free,
         "attn_implementation": args.attn_implementation,
+        "torch_compile": args.torch_compile,
         "lora": {"r": peft_config.r, "alpha": peft_config.lora_alpha,
                  "dropout": peft_config.lora_dropout,
                  "targets": sorted(peft_config.target_modules)},

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The benchmark launcher on the GPU machine, after device/setup.sh 1, 2 and 3 (sae-lens).
 #
-#   RUN=runs/m1 bash device/bench.sh
-#       benchmarks/bench.py: every GPU step against its hardware floor on BENCH_ROWS rows of a
-#       finished run's train_base (RUN holds manifest.json, data/ and base_adapter/, e.g. what
-#       recipes/m1.toml writes), with a small SAE trained first for the sae_analysis row
+#   bash device/bench.sh
+#       benchmarks/bench.py: every GPU step against its hardware floor on BENCH_ROWS rows of RUN's
+#       train_base (RUN's split is made first if RUN has no manifest.json: AlpacaEval, BENCH_TRAIN
+#       train_base rows, 500 query, 500 eval, seed 42), each finetune.py / score.py configuration
+#       of bench.py's defaults (BENCH_EXTRA adds or replaces), the score/eval/SAE steps through the
+#       adapter bench.py trains first, and a small SAE trained first for the sae_analysis row.
+#       It runs for ~15 minutes: start it as a background job (setsid ... &) and follow its log.
 #   BENCH=multigpu NPROC=2 bash device/bench.sh
 #       the 1-process vs NPROC-process check of every data-parallel step on the same data, then
 #       benchmarks/multigpu_compare.py's speed-up / agreement table. finetune: 1 process with
@@ -16,16 +19,22 @@
 # TRAIN=40 QUERY=8 EVAL=8 K=8 EXTRA="--max-length 256" (bench.py needs --allow-cpu there).
 set -euo pipefail
 source device/env.sh
-RUN=${RUN:-runs/m1}
+RUN=${RUN:-runs/bench_split}
 SAE_LAYER=${SAE_LAYER:-15}
 EXTRA=${EXTRA:-}   # extra flags for every script taking --max-length (the tiny model needs 256)
 
 bench_steps() {
+  if [ ! -f $RUN/manifest.json ]; then
+    t dataset $PY dataset.py --run-dir $RUN --dataset-name $CHAT_DATA --group-column instruction_id \
+      --train-size ${BENCH_TRAIN:-1500} --query-size 500 --eval-size 500 --seed 42 --overwrite
+  fi
   t train_sae_small $PY train_sae.py --manifest $RUN/manifest.json --split train_base --base-model $MODEL \
-    --layer $SAE_LAYER --d-sae 4096 --k 32 --tokens 1000000 --output-dir $RUN/local_sae --overwrite
-  t bench $PY benchmarks/bench.py --manifest $RUN/manifest.json --adapter-path $RUN/base_adapter \
-    --sae-path $RUN/local_sae --rows ${BENCH_ROWS:-1000} --output-dir runs/bench ${BENCH_EXTRA:-}
+    --layer $SAE_LAYER --d-sae 4096 --k 32 --tokens ${BENCH_SAE_TOKENS:-1000000} --output-dir $RUN/local_sae --overwrite $EXTRA
+  local bench_extra; eval "bench_extra=(${BENCH_EXTRA:-})"   # shell words: a variant's flags in quotes
+  t bench $PY benchmarks/bench.py --manifest $RUN/manifest.json --base-model $MODEL \
+    --sae-path $RUN/local_sae --rows ${BENCH_ROWS:-1000} --output-dir runs/bench $EXTRA "${bench_extra[@]}"
   cp runs/bench/bench.json runs/bench/bench.md "$OUT"/
+  cp runs/bench/profile_finetune.txt "$OUT"/ 2>/dev/null || true
   tar czf "$OUT"/bench_logs.tgz runs/bench/logs
 }
 
