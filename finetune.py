@@ -175,11 +175,6 @@ def parse_args(argv=None):
                         "its cuDNN backend, which trained Qwen2.5 to a NaN loss on the H200), "
                         "sdpa_cudnn (SDPA with PyTorch's own backend choice), eager, "
                         "flash_attention_2, ...")
-    p.add_argument("--torch-compile", action="store_true",
-                   help="compile the model with torch.compile (inductor, dynamic shapes; the "
-                        "Trainer's torch_compile): fewer, fused kernels for a launch-bound step, "
-                        "paid for by compile time at the first steps (train_metrics.json's loss "
-                        "curve times every step)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="weights/compute dtype: auto = bf16 on GPU, fp32 on CPU")
     p.add_argument("--device", default="auto",
@@ -475,7 +470,7 @@ def trainer_classes():
             if args.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(args.device)
             self.started = time.perf_counter()
-            self.step_elapsed = []  # loop seconds at each step's end (compile cost shows early)
+            self.step_elapsed = []  # loop seconds at each step's end (bench.py's warm-up cut)
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.profile_steps and state.global_step == self.profile_first:
@@ -651,8 +646,7 @@ def build_trainer(args, model, tokenizer, train_rows, eval_rows, plan, sampler, 
         gradient_checkpointing_kwargs={"use_reentrant": False},
         # rows arrive tokenized and truncated by tokenize_example
         completion_only_loss=True, max_length=None, padding_free=args.padding_free,
-        ddp_find_unused_parameters=False, dataloader_num_workers=0,
-        torch_compile=args.torch_compile)
+        ddp_find_unused_parameters=False, dataloader_num_workers=0)
     # eval rows longest first: little padding, and an out-of-memory shows at the first batch
     eval_rows = sorted(eval_rows, key=lambda r: -len(r["input_ids"])) if evaluating else None
     trainer = CompletionTrainer(
@@ -746,7 +740,6 @@ def write_outputs(staged: Path, output_dir: Path, trainer, recorder, record, pla
         "dtype": str(dtype).replace("torch.", ""),
         "padding_free": args.padding_free,
         "attn_implementation": args.attn_implementation,
-        "torch_compile": args.torch_compile,
         "lora": {"r": peft_config.r, "alpha": peft_config.lora_alpha,
                  "dropout": peft_config.lora_dropout,
                  "targets": sorted(peft_config.target_modules)},

@@ -19,8 +19,9 @@ finetune.py and score.py run once per configuration (--finetune-variant / --scor
 NAME=FLAGS; the first is the reference): the table gives each one's tokens/s against the best
 configuration measured in this run, and a score variant's Spearman correlation with the first
 one's scores (a faster configuration only pays if the score stays the same). A finetune
-variant's tokens/s is its training loop's (train_metrics.json), and "after warm-up" is that of
-its second half of steps (torch.compile pays its compile time in the first ones). One finetune
+variant's tokens/s is its training loop's (train_metrics.json), and "2nd half" is that of its
+second half of steps: without the first steps' CUDA and allocator warm-up, but with other row
+lengths (group-by-length order), so it is no clean steady-state figure. One finetune
 variant is run again under torch.profiler (--profile-variant): wall-clock vs GPU-busy time and
 kernels per step, and its profile.txt.
 
@@ -66,13 +67,10 @@ FINETUNE_VARIANTS = [
     "verdict_arm=--preset seed --step-tokens 4096 --gradient-accumulation 2 --keep last "
     "--max-steps 30 --eval-split none",
     "fast_32_rows=--preset fast --batch-size 32 --max-steps 20 --eval-split none",
-    f"fast_compile={FAST} --torch-compile",
-    f"fast_compile_warm_cache={FAST} --torch-compile",   # inductor's on-disk cache now filled
 ]
 SCORE_VARIANTS = [
     "default=",
     "fused_attention=--fused-attention",
-    "token_batch_16384=--token-batch-size 16384",
 ]
 
 
@@ -116,7 +114,7 @@ def parse_args(argv=None):
     p.add_argument("--profile-steps", type=int, default=10, help="profiled optimizer steps")
     p.add_argument("--variant-timeout", type=float, default=360,
                    help="seconds a finetune/score variant may run before it is stopped and "
-                        "reported as failed (a compile that does not finish, say)")
+                        "reported as failed (a configuration that hangs, say)")
     p.add_argument("--output-dir", default="runs/bench", help="bench manifest, outputs, table")
     p.add_argument("--allow-cpu", action="store_true",
                    help="run without a GPU (a rehearsal of the script; the figures mean nothing)")
@@ -285,7 +283,7 @@ def finetune_row(name: str, metrics: dict) -> dict:
                  / (curve[-1]["elapsed_s"] - curve[half - 1]["elapsed_s"]))
     return {"step": "finetune.py train (training loop)", "config": name,
             "seconds": metrics["train_wall_clock_s"], "tokens": metrics["tokens_seen"],
-            "after_warmup_tokens_per_second": after,
+            "second_half_tokens_per_second": after,
             "peak_gib": metrics["peak_gpu_memory_gib"], "peak_source": "torch allocator",
             "optimizer_steps": metrics["optimizer_steps"],
             "rows_per_step": metrics["rows_seen"] / metrics["optimizer_steps"],
@@ -427,7 +425,7 @@ def markdown(result: dict, n_params: int) -> str:
              f"({result['supervised_tokens']} supervised); floors in bf16 with "
              f"{result['floor_batch_tokens']}-token batches; {n_params / 1e6:.1f}M parameters, "
              f"MFU against {result['peak_tflops']:g} TFLOP/s.", "",
-             "| step | config | seconds | tokens/s | after warm-up | floor tokens/s | "
+             "| step | config | seconds | tokens/s | 2nd half tokens/s | floor tokens/s | "
              "step / floor | step / best config | MFU | floor MFU | peak GiB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in (r for r in result["table"] if "failed" not in r):
@@ -437,7 +435,7 @@ def markdown(result: dict, n_params: int) -> str:
         lines.append(
             f"| {row['step']} | {row['config']} | {row['seconds']:.1f} | "
             f"{row['tokens_per_second']:,.0f} | "
-            f"{num(row.get('after_warmup_tokens_per_second'), ',.0f')} | "
+            f"{num(row.get('second_half_tokens_per_second'), ',.0f')} | "
             f"{num(row['floor_tokens_per_second'], ',.0f')} | "
             f"{num(row['ratio_to_floor'], '.2f')} | {row['ratio_to_best_config']:.2f} | "
             f"{row['mfu']:.2%} | {num(row['floor_mfu'], '.2%')} | {peak} |")

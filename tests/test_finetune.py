@@ -98,6 +98,14 @@ def test_trainer_batches_hold_exactly_tokenize_example_rows(recorded, run_dir, t
     assert metrics["supervised_tokens_seen"] == sum(r["num_supervised_tokens"] for r in rows)
     assert metrics["rows_seen"] == 160
     assert metrics["tokens_seen"] == sum(len(ids) for ids, _ in expected)
+    # each step's running token count and loop time (bench.py's per-half tokens/s read them)
+    per_step_tokens = [sum(sum(m) for b in batches[2 * s:2 * s + 2] for m in b["attention_mask"])
+                       for s in range(20)]
+    curve = metrics["loss_curve"]
+    assert [x["tokens_so_far"] for x in curve] == list(np.cumsum(per_step_tokens))
+    elapsed = [x["elapsed_s"] for x in curve]
+    assert all(0 < a < b for a, b in zip(elapsed, elapsed[1:]))
+    assert elapsed[-1] == pytest.approx(metrics["train_wall_clock_s"], rel=0.05)
 
 
 def test_step_loss_is_token_nll_over_the_whole_step(recorded, tiny_model):
