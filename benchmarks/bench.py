@@ -295,8 +295,8 @@ def finetune_row(name: str, metrics: dict) -> dict:
 def bench_finetune(args, manifest: Path, base_model: str, out: Path, gpu: bool,
                    progress) -> list[dict]:
     """Each finetune variant on the bench rows, same seed, and the largest gap of its per-step
-    losses to the first variant's where both took the same rows in the same steps; progress(rows)
-    after each one."""
+    losses to the first variant's where both steps held as many rows (the same seed then draws
+    the same rows); progress(rows) after each one."""
     rows = []
     for i, (name, flags) in enumerate(args.finetune_variants.items()):
         try:
@@ -321,7 +321,7 @@ def bench_finetune(args, manifest: Path, base_model: str, out: Path, gpu: bool,
             if same else None)
     profiled = next((r for r in rows if r["config"] == args.profile_variant), None)
     if profiled is not None and "failed" not in profiled:
-        flags = [f for f in args.finetune_variants[args.profile_variant]]
+        flags = args.finetune_variants[args.profile_variant]
         run_step("finetune_profile", ["finetune.py", "train", "--manifest", manifest,
                                       "--train-split", "bench", "--base-model", base_model,
                                       "--output-dir", out / "ft_profile",
