@@ -470,7 +470,7 @@ def trainer_classes():
             if args.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(args.device)
             self.started = time.perf_counter()
-            self.step_elapsed = []  # loop seconds at each step's end (bench.py's warm-up cut)
+            self.step_elapsed = []  # loop seconds at each step's end (bench.py's second-half tokens/s)
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.profile_steps and state.global_step == self.profile_first:

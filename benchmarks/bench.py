@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -53,8 +54,8 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline import (PipelineError, base_model_of_adapter, length_sorted_batches,  # noqa: E402
                       load_base_model, load_manifest, load_split, load_tokenizer, pad_batch,
-                      provenance, run_main, token_nll_sums, tokenize_split, write_json_atomic,
-                      write_selection_manifest)
+                      provenance, read_jsonl, run_main, token_nll_sums, tokenize_split,
+                      write_json_atomic, write_selection_manifest)
 
 # A step's rows and tokens are the verdict recipe's budgets where that matters: fast = 8 rows a
 # step in one micro-batch (the issue's "8 rows x 2048"); verdict_arm = an arm's 4096 supervised
@@ -145,21 +146,22 @@ def parse_variants(specs: list[str], parser, flag: str) -> dict[str, list[str]]:
 class GpuMemoryPeak:
     """The most GPU memory in use (nvidia-smi, all processes) while a step runs, less what was in
     use when it started: a child process's whole use, which torch's allocator stats inside the
-    bench process cannot see."""
+    bench process cannot see. Read through the runner's nvidia-smi reader (free MiB per GPU
+    index; nvidia-smi ignores CUDA_VISIBLE_DEVICES, so the index is the first one it names)."""
 
     def __init__(self, enabled: bool, interval: float = 0.25):
         self.enabled, self.interval = enabled, interval
+        self.gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
         self.peak_gib = None
 
-    @staticmethod
-    def used_mib() -> float:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,"
-                              "nounits"], capture_output=True, text=True, check=True).stdout
-        return float(out.split()[0])  # the step's GPU: CUDA_VISIBLE_DEVICES leaves one
+    def free_mib(self) -> int:
+        from run_experiment import gpu_free_mib
+
+        return gpu_free_mib()[self.gpu]
 
     def __enter__(self):
         if self.enabled:
-            self.before, self.most = self.used_mib(), 0.0
+            self.before = self.least = self.free_mib()
             self.stop = threading.Event()
             self.thread = threading.Thread(target=self.poll, daemon=True)
             self.thread.start()
@@ -167,13 +169,13 @@ class GpuMemoryPeak:
 
     def poll(self):
         while not self.stop.wait(self.interval):
-            self.most = max(self.most, self.used_mib())
+            self.least = min(self.least, self.free_mib())
 
     def __exit__(self, *exc):
         if self.enabled:
             self.stop.set()
             self.thread.join()
-            self.peak_gib = max(0.0, self.most - self.before) / 1024
+            self.peak_gib = (self.before - self.least) / 1024
 
 
 def run_step(name: str, args: list, log_dir: Path, gpu: bool,
@@ -297,14 +299,16 @@ def bench_finetune(args, manifest: Path, base_model: str, out: Path, gpu: bool,
     """Each finetune variant on the bench rows, same seed, and the largest gap of its per-step
     losses to the first variant's where both steps held as many rows (the same seed then draws
     the same rows); progress(rows) after each one."""
+    def command(output_dir, flags):
+        return ["finetune.py", "train", "--manifest", manifest, "--train-split", "bench",
+                "--base-model", base_model, "--output-dir", output_dir,
+                "--max-length", args.max_length, *flags, "--overwrite"]
+
     rows = []
     for i, (name, flags) in enumerate(args.finetune_variants.items()):
         try:
-            run_step(f"finetune_{name}", ["finetune.py", "train", "--manifest", manifest,
-                                          "--train-split", "bench", "--base-model", base_model,
-                                          "--output-dir", out / f"ft_{name}",
-                                          "--max-length", args.max_length, *flags, "--overwrite"],
-                     out / "logs", gpu, None if i == 0 else args.variant_timeout)
+            run_step(f"finetune_{name}", command(out / f"ft_{name}", flags), out / "logs", gpu,
+                     None if i == 0 else args.variant_timeout)
         except PipelineError as err:
             if i == 0:  # the reference: its adapter feeds the other steps
                 raise
@@ -321,14 +325,9 @@ def bench_finetune(args, manifest: Path, base_model: str, out: Path, gpu: bool,
             if same else None)
     profiled = next((r for r in rows if r["config"] == args.profile_variant), None)
     if profiled is not None and "failed" not in profiled:
-        flags = args.finetune_variants[args.profile_variant]
-        run_step("finetune_profile", ["finetune.py", "train", "--manifest", manifest,
-                                      "--train-split", "bench", "--base-model", base_model,
-                                      "--output-dir", out / "ft_profile",
-                                      "--max-length", args.max_length, *flags,
-                                      "--max-steps", 5 + args.profile_steps + 1,
-                                      "--profile-steps", args.profile_steps, "--overwrite"],
-                 out / "logs", gpu)
+        flags = [*args.finetune_variants[args.profile_variant],
+                 "--max-steps", 5 + args.profile_steps + 1, "--profile-steps", args.profile_steps]
+        run_step("finetune_profile", command(out / "ft_profile", flags), out / "logs", gpu)
         metrics = json.loads((out / "ft_profile" / "train_metrics.json").read_text())
         shutil.copy(out / "ft_profile" / "profile.txt", out / "profile_finetune.txt")
         profiled["profile"] = metrics["profile"]
@@ -339,8 +338,8 @@ def score_spearman(first: Path, other: Path) -> float:
     from scipy.stats import spearmanr
 
     def read(path):
-        lines = [json.loads(x) for x in (path / "train_scores.jsonl").read_text().splitlines()]
-        return {x["row_id"]: x["score"] for x in lines}
+        return {x["row_id"]: x["score"]
+                for x in read_jsonl(path / "train_scores.jsonl", "bench scores")}
 
     a, b = read(first), read(other)
     both = [r for r in a if a[r] is not None and b.get(r) is not None]
@@ -349,8 +348,9 @@ def score_spearman(first: Path, other: Path) -> float:
 
 def bench_score(args, manifest: Path, adapter: str, tokens: int, out: Path, gpu: bool):
     """Each score variant (the first keeps its gradients: bergson direct and the floor reuse its
-    query index and data); returns the rows and the first variant's summary."""
+    query index and data); returns the rows, the first variant's summary and its folder."""
     rows, first = [], None
+    first_dir = out / f"score_{next(iter(args.score_variants))}"
     for name, flags in args.score_variants.items():
         keep = ["--keep-gradients"] if first is None else []
         try:
@@ -368,7 +368,6 @@ def bench_score(args, manifest: Path, adapter: str, tokens: int, out: Path, gpu:
             rows.append(failed_row("score.py (train scoring stage)", name, err))
             continue
         summary = json.loads((out / f"score_{name}" / "summary.json").read_text())
-        first_dir = out / f"score_{next(iter(args.score_variants))}"
         rows.append({"step": "score.py (train scoring stage)", "config": name,
                      "seconds": summary["stage_seconds"]["train_scoring"], "tokens": tokens,
                      "peak_gib": peak, "peak_source": "nvidia-smi",
@@ -376,7 +375,7 @@ def bench_score(args, manifest: Path, adapter: str, tokens: int, out: Path, gpu:
                      "spearman_to_first": (score_spearman(first_dir, out / f"score_{name}")
                                            if first is not None else 1.0)})
         first = first or summary
-    return rows, first
+    return rows, first, first_dir
 
 
 def bench_direct_bergson(summary: dict, score_dir: Path, out: Path,
@@ -519,8 +518,7 @@ def main(argv=None) -> None:
         adapter = adapter or str(out / f"ft_{finetune[0]['config']}")
         publish()
     if "score" in steps:
-        score, summary = bench_score(args, manifest, adapter, tokens, out, gpu)
-        first_dir = out / f"score_{next(iter(args.score_variants))}"
+        score, summary, first_dir = bench_score(args, manifest, adapter, tokens, out, gpu)
         direct, floor_seconds = bench_direct_bergson(summary, first_dir, out, tokens)
         fill_ratios(score + [direct], floor_seconds, tokens, n_params, 4, args.peak_tflops)
         score[0]["vs_direct_bergson"] = direct["seconds"] / score[0]["seconds"]

@@ -69,3 +69,21 @@ def test_finetune_row_second_half_and_ratios():
     assert "| finetune.py train (training loop) | slow | 8.0 | 500 | 1,000 | 8,000 | 0.06 | 0.25" in text
     assert "Failed: finetune.py train (training loop) broken: bench step finetune_broken" in text
     assert "| broken |" not in text
+
+
+def test_gpu_memory_peak_is_the_drop_in_free_memory_of_the_visible_gpu(monkeypatch):
+    import time
+
+    import run_experiment
+
+    free = {"0": iter([9000] + [9000] * 2 + [7000] * 2 + [8500] * 100),
+            "3": iter([50000] * 200)}
+    monkeypatch.setattr(run_experiment, "gpu_free_mib",
+                        lambda: {index: next(values) for index, values in free.items()})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,3")
+    with bench.GpuMemoryPeak(True, interval=0.01) as memory:
+        time.sleep(0.2)
+    assert memory.peak_gib == pytest.approx(2000 / 1024)
+    with bench.GpuMemoryPeak(False) as off:
+        pass
+    assert off.peak_gib is None
