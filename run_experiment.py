@@ -1235,9 +1235,10 @@ def main(argv=None) -> None:
     print(f"[runner] all steps done; commands: {run_dir / 'commands.sh'}")
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> None:
+    """main() with its errors as one message and the exit code the docstring lists."""
     try:
-        main()
+        main(argv)
     except RunnerError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -1261,3 +1262,7 @@ if __name__ == "__main__":
                   f"it: {', '.join(stop.running) or 'none'}); the same command resumes at them",
                   file=sys.stderr)
         sys.exit(128 + stop.signum)
+
+
+if __name__ == "__main__":
+    cli()

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import run_script
-from test_m1 import SIZES, make_splits
+from helpers import SIZES, make_splits
 
 
 def load_run(run_dir):
@@ -19,13 +19,14 @@ def load_run(run_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, chat_jsonl):
-    """clean (default), corrupted seed 42 twice, corrupted with --corrupt-seed 7."""
+def runs(tmp_path_factory, chat_jsonl, chat_run):
+    """clean (the session's chat_run: the same flags without --corrupt-fraction), corrupted seed
+    42 twice, corrupted with --corrupt-seed 7."""
     root = tmp_path_factory.mktemp("corrupt")
-    variants = {"clean": (), "a": ("--corrupt-fraction", 0.25),
+    variants = {"a": ("--corrupt-fraction", 0.25),
                 "a_again": ("--corrupt-fraction", 0.25),
                 "other_seed": ("--corrupt-fraction", 0.25, "--corrupt-seed", 7)}
-    out = {}
+    out = {"clean": load_run(chat_run)}
     for name, extra in variants.items():
         make_splits(root / name, chat_jsonl, extra=extra)
         out[name] = load_run(root / name)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_script
-from test_m1 import make_splits
+from helpers import copy_run
 
 MAX_LENGTH = 256
 
@@ -39,10 +39,8 @@ def adapter_weights(adapter_dir):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, chat_jsonl):
-    run_dir = tmp_path_factory.mktemp("dp") / "run"
-    make_splits(run_dir, chat_jsonl)
-    return run_dir
+def run_dir(tmp_path_factory, chat_run):
+    return copy_run(chat_run, tmp_path_factory.mktemp("dp") / "run")
 
 
 def finetune_args(run_dir, tiny_model, output_dir, accumulation):

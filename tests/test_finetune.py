@@ -5,16 +5,13 @@ input."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_script
-from test_m1 import make_splits
+from conftest import run_script
+from helpers import copy_run
 
 MAX_LENGTH = 256
 
@@ -24,10 +21,8 @@ def load(path):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, chat_jsonl):
-    run_dir = tmp_path_factory.mktemp("ft") / "run"
-    make_splits(run_dir, chat_jsonl)
-    return run_dir
+def run_dir(tmp_path_factory, chat_run):
+    return copy_run(chat_run, tmp_path_factory.mktemp("ft") / "run")
 
 
 def split_rows(manifest_path, split, tiny_model):
@@ -40,41 +35,30 @@ def split_rows(manifest_path, split, tiny_model):
 # ---------------------------------------------------------------------------------------------
 # the trainer's own batches
 
-RECORDING_DRIVER = """
-import json, sys
-sys.path.insert(0, {root!r})
-import finetune
-
-trainer_class = finetune.trainer_classes()[1]
-original = trainer_class.compute_loss
-seen = []
-
-def recording(self, model, inputs, *args, **kwargs):
-    if model.training:
-        keys = ("input_ids", "labels", "attention_mask")
-        seen.append({{"step": self.state.global_step, **{{k: inputs[k].tolist() for k in keys}}}})
-    return original(self, model, inputs, *args, **kwargs)
-
-trainer_class.compute_loss = recording
-finetune.main({argv!r})
-json.dump(seen, open({out!r}, "w"))
-"""
-
-
 @pytest.fixture(scope="module")
 def recorded(run_dir, tiny_model):
     """One epoch of train_base as 20 steps of 2 micro-batches x 4 rows, every training batch the
     trainer's compute_loss received written down."""
-    out = run_dir / "batches.json"
-    argv = ["train", "--preset", "fast", "--manifest", str(run_dir / "manifest.json"),
-            "--base-model", str(tiny_model), "--output-dir", str(run_dir / "scratch"),
-            "--batch-size", "4", "--gradient-accumulation", "2", "--max-length", str(MAX_LENGTH),
-            "--eval-split", "none"]
-    code = RECORDING_DRIVER.format(root=str(ROOT), argv=argv, out=str(out))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    assert result.returncode == 0, result.stderr[-5000:]
-    return load(out), run_dir / "scratch"
+    import finetune
+
+    trainer_class = finetune.trainer_classes()[1]
+    original = trainer_class.compute_loss
+    seen = []
+
+    def recording(self, model, inputs, *args, **kwargs):
+        if model.training:
+            keys = ("input_ids", "labels", "attention_mask")
+            seen.append({"step": self.state.global_step, **{k: inputs[k].tolist() for k in keys}})
+        return original(self, model, inputs, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer_class, "compute_loss", recording)
+        run_script("finetune.py", "train", "--preset", "fast", "--manifest",
+                   run_dir / "manifest.json", "--base-model", tiny_model, "--output-dir",
+                   run_dir / "scratch", "--batch-size", 4, "--gradient-accumulation", 2,
+                   "--max-length", MAX_LENGTH, "--eval-split", "none")
+    assert seen
+    return seen, run_dir / "scratch"
 
 
 def test_trainer_batches_hold_exactly_tokenize_example_rows(recorded, run_dir, tiny_model):

@@ -16,7 +16,7 @@ import pytest
 
 import run_experiment as rx
 from conftest import ROOT
-from test_runner import alive, decisions as decisions_of, wait_dead
+from helpers import alive, decisions as decisions_of, wait_dead
 
 # One step: logs start/end (time, pid, CUDA_VISIBLE_DEVICES) to a shared events file, waits for
 # other steps to have started (--wait-for, a barrier that only concurrent steps pass) or while a

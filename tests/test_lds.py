@@ -16,7 +16,7 @@ import lds
 import run_experiment as rx
 from conftest import ROOT, run_script
 from subsets import lds_subsets
-from test_runner import decisions, runner
+from helpers import decisions, runner
 
 RECIPE = ROOT / "recipes" / "lds.toml"
 

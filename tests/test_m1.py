@@ -1,5 +1,6 @@
-"""Milestone M1 end to end on the tiny model: splits -> LoRA finetune -> eval loss, as subprocesses,
-plus the shared tokenization and the checks the scripts promise."""
+"""Milestone M1 end to end on the tiny model: splits -> LoRA finetune -> eval loss (the session's
+base_run, built by the scripts' own main()), plus the shared tokenization and the checks the
+scripts promise."""
 
 import json
 import math
@@ -8,42 +9,21 @@ import pytest
 
 import tiny
 from conftest import run_script
-
-SIZES = dict(train=160, query=40, eval=40)
-
-
-def make_splits(run_dir, source, seed=42, extra=()):
-    return run_script("dataset.py", "--run-dir", run_dir, "--dataset-name", source,
-                      "--group-column", "instruction_id", "--train-size", SIZES["train"],
-                      "--query-size", SIZES["query"], "--eval-size", SIZES["eval"],
-                      "--seed", seed, *extra)
-
-
-@pytest.fixture(scope="module")
-def m1_run(tmp_path_factory, tiny_model, chat_jsonl):
-    run_dir = tmp_path_factory.mktemp("m1") / "run"
-    make_splits(run_dir, chat_jsonl)
-    manifest = run_dir / "manifest.json"
-    run_script("finetune.py", "train", "--preset", "fast", "--manifest", manifest,
-               "--base-model", tiny_model, "--output-dir", run_dir / "base_adapter", "--epochs", 4,
-               "--batch-size", 8, "--learning-rate", 3e-3, "--lora-rank", 8, "--max-length", 256)
-    run_script("eval_loss.py", "--manifest", manifest, "--adapter-path", run_dir / "base_adapter",
-               "--output-json", run_dir / "eval.json", "--max-length", 256)
-    return run_dir
+from helpers import SIZES, make_splits
 
 
 def load(path):
     return json.loads(path.read_text())
 
 
-def test_manifest_splits_and_policy(m1_run):
+def test_manifest_splits_and_policy(base_run):
     from datasets import load_from_disk
 
-    manifest = load(m1_run / "manifest.json")
+    manifest = load(base_run / "manifest.json")
     assert set(manifest["splits"]) == {"train_base", "score_pool", "attr_query", "eval"}
     splits = {}
     for name, entry in manifest["splits"].items():
-        splits[name] = load_from_disk(str(m1_run / entry["path"]))
+        splits[name] = load_from_disk(str(base_run / entry["path"]))
         assert len(splits[name]) == entry["num_rows"]
     assert len(splits["train_base"]) == SIZES["train"]
     assert len(splits["attr_query"]) == SIZES["query"]
@@ -71,8 +51,8 @@ def test_manifest_splits_and_policy(m1_run):
     assert manifest["filter_stats"]["total"]["rows_in"] == 360
 
 
-def test_finetune_outputs_and_metrics(m1_run):
-    adapter = m1_run / "base_adapter"
+def test_finetune_outputs_and_metrics(base_run):
+    adapter = base_run / "base_adapter"
     assert (adapter / "adapter_config.json").is_file()
     assert (adapter / "adapter_model.safetensors").is_file()
     assert (adapter / "tokenizer_config.json").is_file()
@@ -88,15 +68,15 @@ def test_finetune_outputs_and_metrics(m1_run):
     assert metrics["final_eval"]["num_rows"] == SIZES["eval"]
 
 
-def test_eval_loss_finetuned_beats_base_and_is_token_weighted(m1_run):
-    report = load(m1_run / "eval.json")
+def test_eval_loss_finetuned_beats_base_and_is_token_weighted(base_run):
+    report = load(base_run / "eval.json")
     assert report["num_eval_rows"] == SIZES["eval"]
     base, tuned = report["base"], report["finetuned"]
     assert tuned["loss"] < base["loss"]
     assert report["delta_loss"] == pytest.approx(tuned["loss"] - base["loss"])
     assert report["delta_ppl"] == pytest.approx(tuned["perplexity"] - base["perplexity"])
     assert base["perplexity"] == pytest.approx(math.exp(base["loss"]))
-    rows = [json.loads(line) for line in (m1_run / report["per_example_path"]).read_text().splitlines()]
+    rows = [json.loads(line) for line in (base_run / report["per_example_path"]).read_text().splitlines()]
     assert len(rows) == SIZES["eval"]
     tokens = sum(r["supervised_tokens"] for r in rows)
     assert tokens == report["supervised_token_count"] > 0
@@ -105,11 +85,11 @@ def test_eval_loss_finetuned_beats_base_and_is_token_weighted(m1_run):
     mean_of_means = sum(r["base_loss"] for r in rows) / len(rows)
     assert abs(mean_of_means - base["loss"]) > 1e-6
     # the final eval inside finetune.py measured the same thing
-    metrics = load(m1_run / "base_adapter" / "train_metrics.json")
+    metrics = load(base_run / "base_adapter" / "train_metrics.json")
     assert metrics["final_eval"]["loss"] == pytest.approx(tuned["loss"], rel=1e-4)
 
 
-def test_per_example_loss_matches_transformers_loss(m1_run, tiny_model):
+def test_per_example_loss_matches_transformers_loss(base_run, tiny_model):
     """One row's NLL from eval_loss.py equals transformers' own mean loss times token count."""
     import torch
     from datasets import load_from_disk
@@ -117,10 +97,10 @@ def test_per_example_loss_matches_transformers_loss(m1_run, tiny_model):
 
     from pipeline import load_tokenizer, tokenize_example
 
-    report = load(m1_run / "eval.json")
+    report = load(base_run / "eval.json")
     rows = {json.loads(l)["row_id"]: json.loads(l)
-            for l in (m1_run / report["per_example_path"]).read_text().splitlines()}
-    example = load_from_disk(str(m1_run / "data" / "eval"))[0]
+            for l in (base_run / report["per_example_path"]).read_text().splitlines()}
+    example = load_from_disk(str(base_run / "data" / "eval"))[0]
     tokenizer = load_tokenizer(str(tiny_model))
     ids = tokenize_example(tokenizer, example["prompt"], example["completion"], 256)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
@@ -228,11 +208,11 @@ def test_stratified_sample_is_proportional_and_seeded():
     assert Counter(r["category"] for r in odd) == {"a": 4, "b": 2, "c": 1}
 
 
-def test_profile_steps_writes_table_and_summary(m1_run, tiny_model, tmp_path):
+def test_profile_steps_writes_table_and_summary(base_run, tiny_model, tmp_path):
     """--profile-steps profiles the requested steps after the warm-up and records the per-step
     wall-clock (on the CPU there are no kernels, so the GPU fields are empty)."""
     out = tmp_path / "profiled"
-    run_script("finetune.py", "train", "--preset", "fast", "--manifest", m1_run / "manifest.json",
+    run_script("finetune.py", "train", "--preset", "fast", "--manifest", base_run / "manifest.json",
                "--base-model", tiny_model, "--output-dir", out, "--max-steps", 4,
                "--profile-steps", 2, "--batch-size", 8, "--max-length", 128, "--eval-split", "none")
     profile = load(out / "train_metrics.json")["profile"]
@@ -241,5 +221,5 @@ def test_profile_steps_writes_table_and_summary(m1_run, tiny_model, tmp_path):
     assert profile["gpu_busy_s_per_step"] is None and profile["kernels_per_step"] is None
     table = (out / "profile.txt").read_text()
     assert "aten::" in table and "Self CPU" in table
-    unprofiled = load(m1_run / "base_adapter" / "train_metrics.json")
+    unprofiled = load(base_run / "base_adapter" / "train_metrics.json")
     assert unprofiled["profile"] is None

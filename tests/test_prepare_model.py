@@ -160,7 +160,7 @@ def test_from_package_cli_errors(tmp_path, monkeypatch):
     # found through PYTHONPATH, as an installed package is; a wrong --sha256 stops it
     fake_package(tmp_path, "fake_pkg", {"m.gguf": b"GGUF"})
     result = run_script("prepare_model.py", "--from-package", "fake_pkg", "--sha256", "0" * 64,
-                        "--output-dir", tmp_path / "out", expect_ok=False)
+                        "--output-dir", tmp_path / "out", expect_ok=False, process=True)
     assert result.returncode == 2 and "does not match the expected" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     # mutually exclusive with --gguf

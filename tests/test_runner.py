@@ -15,8 +15,10 @@ import pytest
 
 import run_experiment as rx
 from conftest import ROOT
+import helpers
+from helpers import alive, decisions, runner, wait_dead
 
-SIZES = "--train-size 160 --query-size 40 --eval-size 40"
+SIZES = "--train-size {train} --query-size {query} --eval-size {eval}".format(**helpers.SIZES)
 
 
 def write_recipe(path: Path, model: Path, data: Path, finetune_extra: str = "") -> Path:
@@ -59,27 +61,6 @@ outputs = ["{seed_dir}/eval.json", "{seed_dir}/eval.per_example.jsonl"]
 '''
     path.write_text(text)
     return path
-
-
-def runner(recipe, run_dir, *args, expect_ok=True):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, str(ROOT / "run_experiment.py"), str(recipe),
-                             "--run-dir", str(run_dir), *map(str, args)],
-                            capture_output=True, text=True, cwd=ROOT, env=env)
-    if expect_ok and result.returncode != 0:
-        raise AssertionError(f"runner failed ({result.returncode}):\n{result.stdout}\n"
-                             f"{result.stderr[-4000:]}")
-    return result
-
-
-def decisions(stdout: str) -> dict[str, str]:
-    """'[runner] finetune@seed1: run (forced): ...' -> {'finetune@seed1': 'run (forced)'}"""
-    found = {}
-    for line in stdout.splitlines():
-        m = re.match(r"\[runner\] (\S+): (skip[^:]*|run[^:]*)", line)
-        if m:
-            found[m.group(1)] = m.group(2).strip()
-    return found
 
 
 def mtimes(run_dir: Path) -> dict[str, int]:
@@ -533,21 +514,6 @@ outputs = ["{{run_dir}}/x"]
         except ProcessLookupError:
             pass
         process.communicate()
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")  # a zombie has died; it waits for init to reap it
-
-
-def wait_dead(pid: int, seconds: float = 15) -> bool:
-    deadline = time.monotonic() + seconds
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not alive(pid)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

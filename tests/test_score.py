@@ -10,31 +10,19 @@ import numpy as np
 import pytest
 
 from conftest import run_script
+from helpers import (MAX_LEN, assert_bergson_sees_finetune_ids, copy_run, lora_gradients,
+                     split_rows)
 from pipeline import split_fingerprint
 
-MAX_LEN = 256
 SCORE_ARGS = ("--max-length", MAX_LEN, "--token-batch-size", 512, "--projection-dim", 0,
               "--subset-k", 8, "--precision", "fp32")
 TODAY = ("--score-normalization", "none", "--loss-reduction", "sum", "--damping-rule", "mean_eig",
          "--preconditioning-mode", "none")
 
 
-def trained_run(run_dir, tiny_model, chat_jsonl, sizes=(40, 12, 12), seed=3, epochs=2):
-    """dataset.py splits (train, query, eval sizes) and a LoRA adapter trained on them."""
-    train, query, evaluation = sizes
-    run_script("dataset.py", "--run-dir", run_dir, "--dataset-name", chat_jsonl,
-               "--group-column", "instruction_id", "--train-size", train, "--query-size", query,
-               "--eval-size", evaluation, "--seed", seed)
-    run_script("finetune.py", "train", "--preset", "fast", "--manifest", run_dir / "manifest.json",
-               "--base-model", tiny_model, "--output-dir", run_dir / "base_adapter",
-               "--epochs", epochs, "--batch-size", 8, "--learning-rate", 3e-3, "--lora-rank", 4,
-               "--max-length", MAX_LEN)
-    return run_dir
-
-
 @pytest.fixture(scope="module")
-def scored_run(tmp_path_factory, tiny_model, chat_jsonl):
-    run_dir = trained_run(tmp_path_factory.mktemp("score") / "run", tiny_model, chat_jsonl)
+def scored_run(tmp_path_factory, score_run):
+    run_dir = copy_run(score_run, tmp_path_factory.mktemp("score") / "run")
     runs = {}
     for name, extra in {"mean": ("--score-mode", "mean"),
                         "mean_again": ("--score-mode", "mean"),
@@ -50,41 +38,6 @@ def scored_run(tmp_path_factory, tiny_model, chat_jsonl):
 
 def read_scores(out_dir):
     return [json.loads(line) for line in (out_dir / "train_scores.jsonl").read_text().splitlines()]
-
-
-def split_rows(run_dir, name, manifest="manifest.json"):
-    from pipeline import load_manifest, load_split
-
-    return load_split(load_manifest(run_dir / manifest), name)
-
-
-def lora_gradients(run_dir, split_name, reduction="sum"):
-    """Per-row gradient of the summed (or mean) completion NLL w.r.t. each LoRA weight, by plain
-    autograd on finetune.py's tokenization: {module name: [rows, numel]}."""
-    import torch
-
-    from pipeline import (base_model_of_adapter, load_model_with_adapter, load_tokenizer,
-                          tokenize_split)
-
-    adapter = run_dir / "base_adapter"
-    tokenizer = load_tokenizer(base_model_of_adapter(adapter))
-    rows = tokenize_split(split_rows(run_dir, split_name), tokenizer, MAX_LEN).to_list()
-    model = load_model_with_adapter(base_model_of_adapter(adapter), adapter, torch.float32,
-                                    torch.device("cpu"), trainable=True)
-    model.eval()
-    params = {n: p for n, p in model.named_parameters() if "lora_" in n}
-    grads = {n: [] for n in params}
-    for row in rows:
-        ids = torch.tensor([row["input_ids"]])
-        labels = torch.tensor([row["labels"]])
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(),
-                                                 ignore_index=-100, reduction=reduction)
-        model.zero_grad()
-        loss.backward()
-        for n, p in params.items():
-            grads[n].append(p.grad.detach().flatten().double().clone())
-    return {n: torch.stack(g) for n, g in grads.items()}
 
 
 @pytest.fixture(scope="module")
@@ -135,29 +88,6 @@ def test_query_preconditioning_matches_documented_formula(scored_run, brute_forc
 def test_bergson_sees_exactly_finetune_token_ids(scored_run, name):
     run_dir, runs = scored_run
     assert_bergson_sees_finetune_ids(run_dir, runs[name])
-
-
-def assert_bergson_sees_finetune_ids(run_dir, out):
-    """Load the scored data the way bergson's own pipeline does and compare with the ids
-    finetune.py builds for training."""
-    from bergson.config.config import DataConfig, IndexConfig
-    from bergson.utils.worker_utils import setup_data_pipeline
-
-    from finetune import parse_args
-    from pipeline import base_model_of_adapter, load_tokenizer, tokenize_split
-
-    cfg = IndexConfig(run_path=str(out / "probe"), model=str(run_dir / "base_adapter"),
-                      data=DataConfig(dataset=str(out / "bergson_data" / "train")),
-                      token_batch_size=512)
-    seen, _ = setup_data_pipeline(cfg)
-    # finetune.py loads the base model's tokenizer and tokenizes with its --max-length
-    defaults = parse_args(["train", "--manifest", "x"])
-    tokenizer = load_tokenizer(base_model_of_adapter(run_dir / "base_adapter"))
-    trained = tokenize_split(split_rows(run_dir, "train_base"), tokenizer, MAX_LEN)
-    assert defaults.max_length >= MAX_LEN
-    assert seen["input_ids"] == trained["input_ids"]
-    assert seen["labels"] == trained["labels"]
-    assert any(-100 in labels for labels in seen["labels"])
 
 
 def test_chat_template_mode_scores_different_ids(scored_run):

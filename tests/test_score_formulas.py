@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from conftest import run_script
-from test_score import MAX_LEN, assert_bergson_sees_finetune_ids, lora_gradients, trained_run
+from helpers import (MAX_LEN, SCORE_RUN_SIZES, assert_bergson_sees_finetune_ids, copy_run,
+                     lora_gradients)
 
+N_TRAIN, N_QUERY, _ = SCORE_RUN_SIZES
 COMMON = ("--max-length", MAX_LEN, "--token-batch-size", 512, "--projection-dim", 0,
           "--subset-k", 6, "--precision", "fp32")
 # the second bergson run: every non-default choice at once
@@ -36,11 +38,10 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model, chat_jsonl):
+def runs(tmp_path_factory, score_run):
     """One bergson pass per loss reduction, gradients kept: the default (seed) run with the mean
     loss and SUM_RUN with the summed loss."""
-    run_dir = trained_run(tmp_path_factory.mktemp("formulas") / "run", tiny_model, chat_jsonl,
-                          sizes=(24, 8, 8), seed=5, epochs=1)
+    run_dir = copy_run(score_run, tmp_path_factory.mktemp("formulas") / "run")
     common = ["--manifest", run_dir / "manifest.json", "--adapter-path",
               run_dir / "base_adapter", *COMMON, "--keep-gradients"]
     run_script("score.py", *common, "--output-dir", run_dir / "mean")
@@ -129,11 +130,11 @@ def test_scores_equal_the_formula_on_autograd_gradients(runs, autograd, loss, no
     train_grads, query_grads = autograd[loss]
     assert_close(got, by_hand(train_grads, query_grads, normalization, mode, preconditioning,
                               rule))
-    assert info["n_query_used"] == 8
+    assert info["n_query_used"] == N_QUERY
     if preconditioning != "none":
         assert info["damping_used"]["modules"] == len(sizes)
     if preconditioning == "mixed":
-        assert info["n_pool_rows_in_hessian"] == 24
+        assert info["n_pool_rows_in_hessian"] == N_TRAIN
 
 
 def test_runs_write_the_formula_and_record_their_settings(runs, autograd):
@@ -155,7 +156,7 @@ def test_runs_write_the_formula_and_record_their_settings(runs, autograd):
         assert used["modules"] == 28 and 0 < used["min"] <= used["median"] <= used["max"]
         assert summary["score_formula"] and summary["train_fingerprint"].startswith("sha256:")
         diagnostics = summary["length_diagnostics"]
-        assert diagnostics["n_rows"] == 24
+        assert diagnostics["n_rows"] == N_TRAIN
         assert set(diagnostics["mean_score_by_category"]) == {"math", "coding", "editing",
                                                                "advice"}
         for key in ("spearman_supervised_tokens", "spearman_total_tokens",
@@ -250,7 +251,7 @@ def test_gradients_from_rescores_without_bergson(runs, tmp_path):
     np.testing.assert_allclose([r["score"] for r in rows], expected, rtol=1e-6)
     assert {p.name for p in out.iterdir()} == {"train_scores.jsonl", "summary.json",
                                                "bergson_data", ".written_by.json"}
-    assert "in_top_k" not in rows[0] and sorted(r["rank"] for r in rows) == list(range(1, 25))
+    assert "in_top_k" not in rows[0] and sorted(r["rank"] for r in rows) == list(range(1, N_TRAIN + 1))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["gradients_from"] == str(outs["mean"].resolve())
     assert "query_gradients" not in summary["stage_seconds"]
