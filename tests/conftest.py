@@ -1,6 +1,7 @@
 import contextlib
 import gc
 import importlib
+import importlib.util
 import io
 import os
 import subprocess
@@ -17,6 +18,10 @@ import tiny  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread per process: README's command runs two pytest workers on two cores, and the steps they
+# start are processes too; a second torch/OpenMP thread each only adds spin-waits on tiny tensors.
+# Set before anything imports torch (the children inherit it).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def run_script(script: str, *args, expect_ok: bool = True, cwd=None, process: bool = False):
@@ -49,7 +54,7 @@ def run_process(script: str, argv: list[str], cwd=None) -> subprocess.CompletedP
 def run_in_process(script: str, argv: list[str], cwd=None) -> subprocess.CompletedProcess:
     import pipeline
 
-    module = importlib.import_module(Path(script).stem)
+    module = script_module(script)
     if hasattr(module, "cli"):   # the runner maps its own errors to exit codes
         runner = lambda: module.cli(argv)
     else:
@@ -80,6 +85,21 @@ def run_in_process(script: str, argv: list[str], cwd=None) -> subprocess.Complet
         os.environ.update(saved_env)
         gc.collect()
     return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
+
+
+def script_module(script: str):
+    """The script's module: a top-level script by its name (as the scripts import each other),
+    one in a subfolder (benchmarks/) from its path."""
+    path = ROOT / script
+    if path.parent == ROOT:
+        return importlib.import_module(path.stem)
+    name = f"{path.parent.name}.{path.stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def fresh_process_warnings() -> None:
@@ -143,3 +163,15 @@ def score_run(tmp_path_factory, tiny_model, chat_jsonl) -> Path:
     from helpers import trained_run
 
     return trained_run(tmp_path_factory.mktemp("score_run") / "run", tiny_model, chat_jsonl)
+
+
+# The longest modules first, one to each worker. README's command runs the suite on two workers,
+# a module whole on one (`--dist loadfile`: its module fixtures built once), in collection order
+# (`--no-loadscope-reorder`; xdist would otherwise order modules by their count of tests): a long
+# module that started last would set the suite's wall-clock alone.
+SLOW_FIRST = ("test_lds.py", "test_data_parallel.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))

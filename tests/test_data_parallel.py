@@ -168,10 +168,8 @@ def test_multigpu_compare_reads_the_runs(run_dir, adapters):
     runs above: it runs after the eval, SAE and score tests, whose outputs it reads."""
     log = run_dir / "log.txt"
     log.write_text("STEP_WALL finetune_1 30000 ms\nSTEP_WALL finetune_N 20000 ms\n")
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "multigpu_compare.py"),
-                             "--run-dir", str(run_dir), "--log", str(log), "--output-dir",
-                             str(run_dir / "compare")], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script("benchmarks/multigpu_compare.py", "--run-dir", run_dir, "--log", log,
+               "--output-dir", run_dir / "compare")
     table = load(run_dir / "compare" / "multigpu.json")
     steps = {row["step"]: row for row in table["steps"]}
     assert set(steps) == {"finetune", "eval_loss", "score", "sae_analysis"} and not table["notes"]
