@@ -76,7 +76,10 @@ import math
 import warnings
 from pathlib import Path
 
-from pipeline import PipelineError, provenance, read_json, run_main, seed_type, write_json_atomic
+from pipeline import (PipelineError, check_output_file, provenance, read_json, run_main, seed_type,
+                      write_json_atomic)
+
+SCRIPT = "compare_evals.py"
 
 
 def parse_args(argv=None):
@@ -165,6 +168,12 @@ def read_per_example(path: str | Path, column: str) -> dict:
     if not rows:
         raise PipelineError(f"per-example file {path} has no rows")
     return rows
+
+
+def declared_inputs(args) -> list[str]:
+    """Every file --a, --b and --arm name (their globs expanded): --output-json is none of them."""
+    patterns = [*(args.a or []), *(args.b or []), *(item.partition("=")[2] for item in args.arm)]
+    return [path for pattern in patterns for path in (glob.glob(pattern) or [pattern])]
 
 
 def expand(patterns: list[str], flag: str) -> list[Path]:
@@ -631,6 +640,8 @@ def main_arms(args) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     check_mode(args)
+    if args.output_json:
+        check_output_file(args.output_json, SCRIPT, inputs=declared_inputs(args))
     if args.metric == "success":
         main_success(args)
         return

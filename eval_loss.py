@@ -30,6 +30,8 @@ from pipeline import (DEFAULT_BASE_MODEL, PipelineError, check_adapter_dir, chec
                       provenance, resolve_base_model, run_main, shard_indices, token_nll_sums,
                       tokenize_split, write_json_atomic, write_jsonl_atomic)
 
+SCRIPT = "eval_loss.py"
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
@@ -101,8 +103,11 @@ def main(argv=None):
     import torch
 
     args = parse_args(argv)
-    output = check_output_file(args.output_json)
-    check_output_file(output.with_name(output.stem + ".per_example.jsonl"))
+    inputs = [args.manifest, args.adapter_path]
+    output = check_output_file(args.output_json, SCRIPT, inputs=inputs)
+    # the per-example rows travel with the summary just checked (they carry no provenance)
+    check_output_file(output.with_name(output.stem + ".per_example.jsonl"), SCRIPT,
+                      inputs=inputs, overwrite=True)
     manifest = load_manifest(args.manifest)
     if args.adapter_path:
         check_adapter_dir(args.adapter_path)

@@ -44,6 +44,8 @@ from pipeline import (PipelineError, base_model_of_adapter, check_adapter_dir, c
                       length_sorted_batches, load_manifest, load_model_with_adapter, load_split,
                       load_tokenizer, pick_device, pick_dtype, provenance, render_prompt,
                       row_text_format, run_main, seed_type, write_json_atomic)
+
+SCRIPT = "eval_words.py"
 from taboo import SUCCESS_RULES, normalize_word, parse_guess, read_guess, success
 
 BASE_NAME = "base"
@@ -283,7 +285,7 @@ def main(argv=None):
     import contextlib
 
     args = parse_args(argv)
-    check_output_file(args.output_json)
+    check_output_file(args.output_json, SCRIPT, inputs=[args.manifest, *args.adapters.values()])
     manifest = load_manifest(args.manifest)
     for path in args.adapters.values():
         check_adapter_dir(path)

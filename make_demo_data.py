@@ -52,7 +52,9 @@ import tempfile
 from decimal import Decimal
 from pathlib import Path
 
-from pipeline import PipelineError, run_main, seed_type
+from pipeline import PipelineError, check_output_file, run_main, seed_type
+
+SCRIPT = "make_demo_data.py"
 
 DIFFICULTIES = ["very easy", "easy", "medium", "hard", "very hard"]
 SOURCE = "make_demo_data"
@@ -395,10 +397,7 @@ def main(argv=None):
         raise PipelineError(f"--rows must be at least 2, got {args.rows}")
     if not 0.0 <= args.wrong_fraction <= 1.0:
         raise PipelineError(f"--wrong-fraction must be between 0 and 1, got {args.wrong_fraction}")
-    if output.exists() and not args.overwrite:
-        raise PipelineError(f"{output} already exists (pass --overwrite to replace it)")
-    if output.is_dir():
-        raise PipelineError(f"--output {output} is a folder")
+    check_output_file(output, SCRIPT, "--output", overwrite=args.overwrite)
     rows = build_rows(args.rows, args.seed, args.wrong_fraction)
     write_rows_atomic(output, rows)
     wrong = sum(not r["answer_correct"] for r in rows)

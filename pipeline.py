@@ -164,54 +164,104 @@ def publish_dir(staged: Path, final: str | Path) -> None:
 OUTPUT_STAMP = ".written_by.json"
 
 
-def check_output_dir(path: str | Path, overwrite: bool, script: str, inputs=(),
-                     flag: str = "--output-dir") -> Path:
-    """Refuse, before any work, an output folder that would destroy something: the working
-    directory or a folder above it, a folder holding one of the command's inputs, a file, a
-    non-empty folder without --overwrite, or (with --overwrite) a folder another script (or a
-    person) wrote. Also refuse a place that cannot be written."""
+def check_output_place(path: str | Path, flag: str, inputs=(), containers=()) -> Path:
+    """The rules every output, file or folder, obeys (check_output_dir and check_output_file call
+    this first): never the working directory or a folder above it; never one of the command's
+    inputs, a folder holding one, or a place inside an input folder (an adapter, a score folder);
+    `containers` are inputs an output may sit inside (the run folder report.py reads and writes
+    its report into) but never be or hold."""
     path = Path(path)
     resolved = path.resolve()
     cwd = Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents:
         raise PipelineError(f"{flag} {path} is the working directory or a folder above it; "
-                            "name a folder of its own")
-    for item in inputs:
+                            "name a place of its own")
+    for item, may_contain in [*((i, False) for i in inputs), *((c, True) for c in containers)]:
         if item is None:
             continue
         source = Path(item).resolve()
-        if source == resolved or resolved in source.parents:
+        if source == resolved:
+            raise PipelineError(f"{flag} {path} is the input {item}; writing it would replace "
+                                "that input: name another place")
+        if resolved in source.parents:
             raise PipelineError(f"{flag} {path} holds the input {item}; replacing it would delete "
                                 "that input: name another folder")
+        if not may_contain and source.is_dir() and source in resolved.parents:
+            raise PipelineError(f"{flag} {path} lies inside the input {item}; writing there "
+                                "would change that input: name a place outside it")
+    return path
+
+
+def check_writable(path: Path, flag: str, folder: bool) -> None:
+    """The nearest existing folder at or above the output place (above it, for a file) must be
+    writable."""
+    places = [path.resolve(), *path.resolve().parents] if folder else path.resolve().parents
+    parent = next((p for p in places if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PipelineError(f"{flag} {path} cannot be written ({parent} is not a writable "
+                            "folder)")
+
+
+def check_output_dir(path: str | Path, overwrite: bool, script: str, inputs=(),
+                     flag: str = "--output-dir", containers=(), add_to: bool = False) -> Path:
+    """Refuse, before any work, an output folder that would destroy something: what
+    check_output_place refuses, a file, a folder another script (or a person) wrote, and a
+    non-empty folder without --overwrite; also a place that cannot be written. add_to: the script
+    adds files to the folder rather than replacing it (sae_analysis.py, one NPZ per SAE): its own
+    earlier folder is fine without --overwrite, and it stamps the folder itself."""
+    path = check_output_place(path, flag, inputs, containers)
     if path.exists() and not path.is_dir():
         raise PipelineError(f"{flag} {path} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
+        writer = output_writer(path)
+        if not overwrite and not (add_to and writer == script):
             raise PipelineError(f"{flag} {path} exists and is not empty "
                                 "(pass --overwrite to replace it)")
-        writer = output_writer(path)
         if writer != script:
-            raise PipelineError(f"--overwrite refuses {path}: it was not written by {script} "
+            raise PipelineError(f"{flag} {path} was not written by {script} "
                                 f"({'written by ' + writer if writer else 'no ' + OUTPUT_STAMP}); "
-                                "delete it yourself if it should go")
-    parent = next((p for p in [resolved, *resolved.parents] if p.exists()), None)
-    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise PipelineError(f"{flag} {path} cannot be written ({parent} is not a writable "
-                            "folder)")
+                                "name another folder, or delete it yourself if it should go")
+    check_writable(path, flag, folder=True)
     return path
 
 
-def check_output_file(path: str | Path, flag: str = "--output-json") -> Path:
-    """Refuse, before any work, an output file path that is a folder or cannot be written (the
-    file itself is replaced atomically at the end)."""
-    path = Path(path)
+def check_output_file(path: str | Path, script: str, flag: str = "--output-json", inputs=(),
+                      overwrite: bool | None = None) -> Path:
+    """Refuse, before any work, an output file that would destroy something: what
+    check_output_place refuses, a folder, a file in a folder another script wrote, and an existing
+    file this script did not write (its JSON provenance names another script, or it has none);
+    with overwrite=False (a script with an --overwrite flag, not passed) any existing file. The
+    file itself is replaced atomically at the end."""
+    path = check_output_place(path, flag, inputs)
     if path.is_dir():
         raise PipelineError(f"{flag} {path} is a folder; name a file")
-    parent = next((p for p in path.resolve().parents if p.exists()), None)
-    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise PipelineError(f"{flag} {path} cannot be written ({parent} is not a writable "
-                            "folder)")
+    owner = next((p for p in path.resolve().parents if output_writer(p)), None)
+    if owner is not None and output_writer(owner) != script:
+        raise PipelineError(f"{flag} {path} lies in {owner}, a folder {output_writer(owner)} "
+                            "wrote: name a place outside it")
+    if path.exists():
+        if overwrite is False:
+            raise PipelineError(f"{flag} {path} already exists (pass --overwrite to replace it)")
+        writer = file_writer(path)
+        if writer != script and not (overwrite and writer is None):
+            raise PipelineError(f"{flag} {path} exists and was not written by {script} "
+                                f"({'written by ' + writer if writer else 'no provenance'}); "
+                                "name another file, or delete it yourself if it should go")
+    check_writable(path, flag, folder=False)
     return path
+
+
+def file_writer(path: str | Path) -> str | None:
+    """The script a JSON output file's provenance names (argv[0]), or None."""
+    try:
+        with open(path) as f:
+            head = f.read(1)
+            if head != "{":
+                return None
+            data = json.loads(head + f.read())
+        return Path(data["provenance"]["argv"][0]).name
+    except (OSError, ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError):
+        return None
 
 
 def output_writer(path: str | Path) -> str | None:

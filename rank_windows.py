@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline import (PipelineError, add_alias, load_manifest, load_split, read_json, read_jsonl,
-                      run_main, seed_type, write_selection_manifest)
+from pipeline import (PipelineError, add_alias, check_output_file, load_manifest, load_split,
+                      read_json, read_jsonl, run_main, seed_type, write_selection_manifest)
 from subsets import random_rows
+
+SCRIPT = "rank_windows.py"
 
 
 def parse_args(argv=None):
@@ -78,9 +80,8 @@ def plan_splits(args, n_ranked: int, label: str) -> dict[str, list[int]]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise PipelineError(f"{output} exists (pass --overwrite to replace it)")
+    output = check_output_file(args.output, SCRIPT, "--output", inputs=[args.scores_from],
+                               overwrite=args.overwrite)
     ranking, summary = read_ranking(Path(args.scores_from))
     manifest = load_manifest(summary["manifest"])
     pool = load_split(manifest, summary["train_split"])

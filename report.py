@@ -127,13 +127,14 @@ import argparse
 import functools
 import math
 import re
-import shutil
 from pathlib import Path
 
 from eval_words import mcnemar_exact, pairwise_mcnemar, rate_string
-from pipeline import (PipelineError, load_manifest, load_split, provenance, publish_dir, read_json,
-                      read_jsonl, run_main, split_fingerprint, staging_dir, write_json_atomic)
+from pipeline import (PipelineError, check_output_dir, load_manifest, load_split, provenance,
+                      read_json, read_jsonl, run_main, split_fingerprint, staged_output,
+                      write_json_atomic)
 
+SCRIPT = "report.py"
 COMPARISONS = {  # name: compare_evals.py's output, per seed folder and (pooled) in the run folder
     "attribution": "compare_top_vs_random.json",
     "sae_predictor": "compare_sae_top_vs_random.json",
@@ -1395,13 +1396,6 @@ def strip_private(obj):
     return obj
 
 
-def check_output_dir(output_dir: Path) -> None:
-    if (output_dir.exists() and any(output_dir.iterdir())
-            and not (output_dir / "report.json").is_file()):
-        raise PipelineError(f"output folder {output_dir} is not empty and holds no report.json: "
-                            "refusing to replace it")
-
-
 def smoltalk_missing(seeds: dict[str, Path]) -> str:
     """Why there is no SmolTalk table: no eval files at all, or the compare steps did not run."""
     per_example = [f for folder in seeds.values() for f in folder.glob("eval_*.per_example.jsonl")]
@@ -1489,20 +1483,16 @@ def main(argv=None) -> None:
 
     matplotlib.use("Agg")
     run_dir = Path(args.run_dir)
-    seeds = {d.name: d for d in find_seed_dirs(args)}
     output_dir = Path(args.output_dir) if args.output_dir else run_dir / "report"
-    check_output_dir(output_dir)
+    # the report folder is report.py's own: rewritten whole on every run, never another's
+    check_output_dir(output_dir, True, SCRIPT, containers=[run_dir])
+    seeds = {d.name: d for d in find_seed_dirs(args)}
     collected = collect(seeds, run_dir, args.control, args.headline)
-    staged = staging_dir(output_dir)
-    try:
+    with staged_output(output_dir, SCRIPT) as staged:
         plots = write_plots(staged, collected, seeds, run_dir)
         report = strip_private({**collected, "plots": plots, "provenance": provenance()})
         (staged / "report.md").write_text(render_markdown(report, plots))
         write_json_atomic(staged / "report.json", report)
-        publish_dir(staged, output_dir)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
     if collected["verdict"]:
         print(collected["verdict"]["sentence"])
     if collected["taboo_verdict"]:

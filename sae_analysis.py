@@ -42,10 +42,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline import (DEFAULT_BASE_MODEL, IGNORE_INDEX, PipelineError, add_alias,
-                      check_adapter_dir, close_distributed, gather_to_first, init_distributed,
-                      length_sorted_batches, load_manifest, load_model_with_adapter, load_split,
-                      load_tokenizer, pad_batch, pick_dtype, provenance, resolve_base_model,
-                      run_main, shard_indices, tokenize_split, write_json_atomic)
+                      check_adapter_dir, check_output_dir, close_distributed, gather_to_first,
+                      init_distributed, length_sorted_batches, load_manifest,
+                      load_model_with_adapter, load_split, load_tokenizer, pad_batch, pick_dtype,
+                      provenance, resolve_base_model, run_main, shard_indices, stamp_output,
+                      tokenize_split, write_json_atomic)
+
+SCRIPT = "sae_analysis.py"
 
 DEFAULT_SAE_RELEASE = "gemma-scope-2-1b-it-res"
 DEFAULT_SAE_ID = "layer_17_width_16k_l0_small"
@@ -303,7 +306,11 @@ def encode_split(args):
         raise PipelineError(f"--sae-path {args.sae_path} does not exist")
     model_name = resolve_base_model(args.base_model, args.adapter_path)
     sae_name = args.sae_id or (Path(args.sae_path).name if args.sae_path else DEFAULT_SAE_ID)
-    npz_path = Path(args.output_dir) / (sae_name.strip("/").replace("/", "__") + ".npz")
+    # one folder gathers the NPZs of several SAEs: it must be this script's, and an NPZ already
+    # there is replaced only with --overwrite
+    output_dir = check_output_dir(args.output_dir, args.overwrite, SCRIPT, add_to=True,
+                                  inputs=[args.manifest, args.adapter_path, args.sae_path])
+    npz_path = output_dir / (sae_name.strip("/").replace("/", "__") + ".npz")
     if npz_path.exists() and not args.overwrite:
         raise PipelineError(f"{npz_path} already exists (pass --overwrite to replace it)")
 
@@ -418,6 +425,7 @@ def write_features(args, manifest, rows, encoded, npz_path: Path, seconds: float
         "provenance_json": np.array(json.dumps(provenance(manifest=args.manifest))),
     }
     save_npz_atomic(npz_path, arrays)
+    stamp_output(npz_path.parent, SCRIPT)
     summary = {
         "npz": npz_path.name,
         "manifest": manifest["_path"],

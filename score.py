@@ -821,6 +821,9 @@ def write_arms(args, manifest, train_split, scores, num_tokens, num_supervised, 
         if not sep or not name or not path:
             raise PipelineError(f"--arm-scores {item}: expected NAME=PATH")
         arm_scores[name] = read_arm_scores(name, path, train_split["row_id"])
+        folder = Path(path) if Path(path).is_dir() else Path(path).parent
+        check_scored_content(read_json(folder / "summary.json", f"--arm-scores {name} summary"),
+                             f"--arm-scores {name}={path}", args, train_split, args.output_dir)
     arms = check_arms([a.strip() for a in args.arms.split(",") if a.strip()], arm_scores)
     reward = (np.array([np.nan if v is None else v for v in train_split["reward_model_score"]],
                        dtype=np.float64)
@@ -848,6 +851,22 @@ METHOD_KEYS = ("score_mode", "score_normalization", "preconditioning_mode", "pro
                "loss_reduction", "damping_rule", "damping", "mixing_coefficient")
 
 
+def check_scored_content(summary: dict, what: str, args, train_split, output_dir) -> None:
+    """Scores read from an earlier run (--scores-from, --arm-scores) must be of this split's
+    content, not only its row ids: a pool with the same ids and other completions (a corrupted
+    twin) is refused by the train_fingerprint its summary.json records."""
+    fingerprint = split_fingerprint(train_split)
+    if summary.get("train_fingerprint") is None:
+        raise PipelineError(f"{what}: its summary.json records no train_fingerprint (an older "
+                            "script wrote it), so its content cannot be checked against split "
+                            f"'{args.train_split}': score again into {output_dir}")
+    if summary["train_fingerprint"] != fingerprint:
+        raise PipelineError(f"{what} scored other content than split '{args.train_split}' of "
+                            f"{args.manifest} (same row ids, train_fingerprint "
+                            f"{summary['train_fingerprint']} vs {fingerprint}): score this "
+                            f"split into {output_dir} instead")
+
+
 def redraw_subsets(args, manifest, train_split, output_dir: Path) -> None:
     """--scores-from: the earlier run's scores, subsets drawn again with this run's k and seed."""
     import numpy as np
@@ -861,16 +880,7 @@ def redraw_subsets(args, manifest, train_split, output_dir: Path) -> None:
     if [r["row_id"] for r in rows] != train_split["row_id"]:
         raise PipelineError(f"--scores-from {source}/train_scores.jsonl does not hold the rows of "
                             f"split '{args.train_split}' of {args.manifest} in order")
-    fingerprint = split_fingerprint(train_split)
-    if "train_fingerprint" not in source_summary:
-        raise PipelineError(f"--scores-from {source}/summary.json records no train_fingerprint "
-                            f"(an older score.py wrote it), so its content cannot be checked "
-                            f"against split '{args.train_split}': score again into {output_dir}")
-    if source_summary["train_fingerprint"] != fingerprint:
-        raise PipelineError(f"--scores-from {source} scored other content than split "
-                            f"'{args.train_split}' of {args.manifest} (same row ids, "
-                            f"train_fingerprint {source_summary['train_fingerprint']} vs "
-                            f"{fingerprint}): score this split into {output_dir} instead")
+    check_scored_content(source_summary, f"--scores-from {source}", args, train_split, output_dir)
     scores = np.array([np.nan if r["score"] is None else r["score"] for r in rows])
     num_tokens = np.array([r["num_tokens"] for r in rows])
     num_supervised = np.array([r["num_supervised_tokens"] for r in rows])

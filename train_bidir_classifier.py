@@ -719,6 +719,8 @@ def main(argv=None):
                                                                     "manifest")}
                               if d.score_summary else None),
             "features": str(d.npz_path.resolve()),
+            # the content the scores were made on (score.py --arm-scores checks it)
+            "train_fingerprint": (d.score_summary or {}).get("train_fingerprint"),
             "pooling": d.pooling,
             "target_type": args.target_type,
             "target_note": ("rank: attribution rank percentile among scored rows, 1 = rank 1"

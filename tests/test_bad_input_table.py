@@ -58,10 +58,29 @@ def template(tmp_path_factory, tiny_model):
     tiny.write_jsonl(evals / "dup.per_example.jsonl", rows + [rows[1]])
     tiny.write_jsonl(evals / "nofield.per_example.jsonl",
                      [{k: v for k, v in r.items() if k != "supervised_tokens"} for r in rows])
+    write_score_folders(root)
+    (root / "report.json").write_text("{}")   # a report.json in the working directory
+    (root / "run" / "scores" / pipeline.OUTPUT_STAMP).write_text('{"script": "score.py"}\n')
     foreign = root / "foreign"          # somebody else's folder: --overwrite must not touch it
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine\n")
     return root
+
+
+def write_score_folders(root: Path) -> None:
+    """good_scores: score.py-shaped scores of the run's score_pool; twin_scores: the same row ids
+    with the fingerprint of other content (the corrupted twin's scores)."""
+    pool = pipeline.load_split(pipeline.load_manifest(root / "run" / "manifest.json"),
+                               "score_pool")
+    for name, fingerprint in (("good_scores", pipeline.split_fingerprint(pool)),
+                              ("twin_scores", "sha256:" + "0" * 64)):
+        folder = root / name
+        folder.mkdir()
+        tiny.write_jsonl(folder / "train_scores.jsonl", [
+            {"row_id": row_id, "score": float(i), "rank": len(pool) - i, "num_tokens": 20,
+             "num_supervised_tokens": 8} for i, row_id in enumerate(pool["row_id"])])
+        (folder / "summary.json").write_text(json.dumps(
+            {"train_split": "score_pool", "train_fingerprint": fingerprint}))
 
 
 def write_broken_sources(root: Path) -> None:
@@ -293,6 +312,36 @@ CASES = {
     "rank_windows: missing scores": (
         "rank_windows.py", ["--scores-from", "no_scores", "--output", "abl/manifest.json",
                             "--top", 3], ["no_scores"]),
+    # outputs that are inputs, or another script's: one check (pipeline.check_output_place)
+    "report: --output-dir . beside a report.json": (
+        "report.py", ["--run-dir", "run", "--output-dir", "."], ["--output-dir", "working directory"]),
+    "report: --output-dir is the run folder": (
+        "report.py", ["--run-dir", "run", "--output-dir", "run"], ["run", "is the input"]),
+    "eval_loss: --output-json is the manifest": (
+        "eval_loss.py", ["--manifest", M, "--adapter-path", ADAPTER, "--output-json", M],
+        [M, "is the input"]),
+    "compare_evals: --output-json is its --a file": (
+        "compare_evals.py", ["--a", "evals/a.per_example.jsonl", "--b", "evals/b.per_example.jsonl",
+                             "--output-json", "evals/a.per_example.jsonl"],
+        ["evals/a.per_example.jsonl", "is the input"]),
+    "compare_evals: --output-json is the run's manifest": (
+        "compare_evals.py", ["--a", "evals/a.per_example.jsonl", "--b", "evals/b.per_example.jsonl",
+                             "--output-json", M], [M, "written by dataset.py"]),
+    "compare_evals: --output-json inside score.py's folder": (
+        "compare_evals.py", ["--a", "evals/a.per_example.jsonl", "--b", "evals/b.per_example.jsonl",
+                             "--output-json", "run/scores/summary.json"],
+        ["run/scores", "score.py wrote"]),
+    "sae_analysis: --output-dir is score.py's folder": (
+        "sae_analysis.py", ["--manifest", M, "--output-dir", "run/scores", "--overwrite"],
+        ["run/scores", "not written by sae_analysis.py"]),
+    "rank_windows: --output inside its --scores-from": (
+        "rank_windows.py", ["--scores-from", "good_scores", "--output", "good_scores/m.json",
+                            "--top", 3], ["good_scores", "inside the input"]),
+    # score files of other content than the pool (same row ids): refused like --scores-from
+    "score: --arm-scores of a corrupted twin": (
+        "score.py", ["--manifest", M, "--scores-from", "good_scores", "--arms", "attribution,twin",
+                     "--arm-scores", "twin=twin_scores", "--subset-k", 3, "--output-dir", "arms"],
+        ["twin_scores", "train_fingerprint"]),
     # prepare_model.py
     "prepare_model: missing GGUF": (
         "prepare_model.py", ["--gguf", "none.gguf", "--output-dir", "model"], ["none.gguf"]),

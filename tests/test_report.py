@@ -335,6 +335,11 @@ def test_report_errors(tmp_path):
          "in_matched_random_k": False}])
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep")
-    with pytest.raises(PipelineError, match="refusing"):
+    with pytest.raises(PipelineError, match="not written by report.py"):
+        report.main(["--run-dir", str(run), "--output-dir", str(tmp_path / "precious")])
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep"
+    # nor is a folder that merely holds a report.json (the old rule let report.py take it)
+    (tmp_path / "precious" / "report.json").write_text("{}")
+    with pytest.raises(PipelineError, match="not written by report.py"):
         report.main(["--run-dir", str(run), "--output-dir", str(tmp_path / "precious")])
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep"

@@ -332,8 +332,12 @@ def fabricate(run_dir, tmp_path, n_features=40, noise=0.2, drop=(3, 50)):
             f.write(json.dumps({"row_id": row["row_id"], "score": float(score[i]),
                                 "rank": rank.get(i), "num_tokens": 10,
                                 "num_supervised_tokens": 5}) + "\n")
+    from pipeline import split_fingerprint
+
+    pool = load_from_disk(str(split_dir(run_dir, "score_pool")))
     (scores / "summary.json").write_text(json.dumps(
-        {"train_split": "score_pool", "query_split": "attr_query", "manifest": "x"}))
+        {"train_split": "score_pool", "query_split": "attr_query", "manifest": "x",
+         "train_fingerprint": split_fingerprint(pool)}))
     return features, scores, rows
 
 
