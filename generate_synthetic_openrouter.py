@@ -24,7 +24,9 @@ recorded as aborted, with the reason.
 HTTP errors, timeouts and 429 rate limits are retried --max-retries times with exponential
 backoff (--backoff-base * 2^attempt, or the server's Retry-After); a game whose requests still
 fail is recorded as aborted with the error and the run goes on. A rejected key (401/403) stops the
-run, since every later request would fail the same way.
+run, since every later request would fail the same way, and so does a redirect (3xx): it is never
+followed, to another host or the same one, so the request and the key in it go to --api-base and
+nowhere else; the error names where the redirect pointed, for a corrected --api-base.
 
 Outputs in --output-dir:
   games.jsonl             one record per finished game (both conversations, every raw reply,
@@ -61,6 +63,7 @@ import re
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -157,7 +160,7 @@ def parse_args(argv=None):
                         "(default: %(default)s; built-in copies when absent)")
     p.add_argument("--api-base", default=DEFAULT_API_BASE,
                    help="OpenAI-compatible API root; POSTs go to <api-base>/chat/completions "
-                        "(default: %(default)s)")
+                        "and never follow a redirect (default: %(default)s)")
     p.add_argument("--api-key-env", default="OPENROUTER_API_KEY",
                    help="environment variable (or .env entry) holding the API key "
                         "(default: %(default)s)")
@@ -230,8 +233,18 @@ class ApiError(Exception):
     """A request that failed for good (after its retries); the game is given up."""
 
 
-class AuthError(Exception):
-    """The API refused the key; every further request would fail too."""
+class StopRun(Exception):
+    """The API refused the key or redirected the request; every further request would too."""
+
+
+class RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects are refused rather than followed without the key: urllib copies every header,
+    Authorization included, onto the redirected request, whatever host it names, and turns a
+    301/302/303 POST into a GET without the body, which no chat API answers. An API that moved is
+    a wrong --api-base, fixed once by the user, so the 3xx comes back as an HTTPError."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
 
 
 class ChatClient:
@@ -239,6 +252,7 @@ class ChatClient:
         self.url = args.api_base.rstrip("/") + "/chat/completions"
         self.key = key
         self.args = args
+        self.opener = urllib.request.build_opener(RefuseRedirects)
         self.retries = 0       # counted over the whole run, and per game by the caller
         self.slept_s = 0.0
 
@@ -258,7 +272,7 @@ class ChatClient:
         return value
 
     def complete(self, model: str, messages: list[dict], seed: int) -> str:
-        """The reply's text ('' when the model sent none). Raises ApiError or AuthError."""
+        """The reply's text ('' when the model sent none). Raises ApiError or StopRun."""
         body = json.dumps({"model": model, "messages": messages, "seed": seed,
                            "temperature": self.args.temperature,
                            "max_tokens": self.args.max_tokens}).encode()
@@ -270,14 +284,22 @@ class ChatClient:
             try:
                 request = urllib.request.Request(self.url, data=body, headers=headers,
                                                  method="POST")
-                with urllib.request.urlopen(request, timeout=self.args.timeout) as response:
+                with self.opener.open(request, timeout=self.args.timeout) as response:
                     payload = json.loads(response.read().decode("utf-8"))
                 return self._content(payload)
             except urllib.error.HTTPError as err:
                 detail = self._error_body(err)
+                if 300 <= err.code < 400:
+                    location = err.headers.get("Location") if err.headers else None
+                    target = urllib.parse.urljoin(self.url, location) if location else None
+                    where = (f"to {self.redact(target, ERROR_TEXT_CHARS)}" if target
+                             else "without a Location")
+                    raise StopRun(f"the API at {self.url} redirected the request {where} (HTTP "
+                                  f"{err.code}); redirects are not followed, the key would go "
+                                  "with them: set --api-base to the address that answers")
                 if err.code in (401, 403):
-                    raise AuthError(f"the API at {self.url} refused the key (HTTP {err.code}"
-                                    f"{': ' + detail if detail else ''})")
+                    raise StopRun(f"the API at {self.url} refused the key (HTTP {err.code}"
+                                  f"{': ' + detail if detail else ''})")
                 last_error = f"HTTP {err.code}{': ' + detail if detail else ''}"
                 if err.code not in RETRY_STATUSES:
                     raise ApiError(self.redact(last_error))
@@ -729,7 +751,7 @@ def main(argv=None):
             try:
                 record = client.redact_record(play_game(client, templates, game, model,
                                                         index, args))
-            except AuthError as err:
+            except StopRun as err:
                 raise PipelineError(client.redact(str(err)))
             append_game(games_path, record)
             games[record["game_key"]] = record

@@ -1,6 +1,7 @@
 """generate_synthetic_openrouter.py against a scripted chat-completions server on 127.0.0.1 that
 the test runs itself: rule-breaking clues, empty guesses, 429 / 500 / timeouts, a rejected key,
-a kill-and-resume, and the rows it writes going through dataset.py --task taboo."""
+a redirect (to a second server that must never see the key), a kill-and-resume, and the rows it
+writes going through dataset.py --task taboo."""
 
 import json
 import os
@@ -441,6 +442,84 @@ def test_key_from_dotenv_rejected_key_and_changed_settings(fake_api, tmp_path):
     # resuming with another seed would mix two runs' games
     changed = run_generator(args + ["--seed", 4], expect_ok=False)
     assert changed.returncode == 2 and "seed" in changed.stderr
+
+
+class RedirectingApi(FakeApi):
+    """Answers every request with a redirect to `location`."""
+
+    def __init__(self, code, location):
+        super().__init__()
+        self.code, self.location = code, location
+
+    def reply(self, body):
+        with self.lock:
+            self.requests.append(body["model"])
+        return self.code, {"Location": self.location}, {"error": "moved"}, 0
+
+
+def recording_server():
+    """A second origin (another port of 127.0.0.1) that keeps the method and headers of every
+    request it gets and answers each with a valid completion, as a real API elsewhere would."""
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def answer(self):
+            seen.append((self.command, self.path, dict(self.headers)))
+            data = json.dumps(FakeApi.completion("CLUE: mystery item 0")).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = answer
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}", seen
+
+
+@pytest.mark.parametrize("code, elsewhere", [(301, True), (302, True), (303, True), (307, True),
+                                             (308, True), (302, False)])
+def test_redirect_is_refused_and_the_key_goes_nowhere_else(tmp_path, monkeypatch, code,
+                                                           elsewhere):
+    """A redirect stops the run with one error line naming where it pointed: the request, and the
+    key in it, is never sent to that address, whichever host it names."""
+    other, other_url, seen = recording_server()
+    api = None
+    try:
+        location = f"{other_url}/v1/chat/completions" if elsewhere else "/v2/chat/completions"
+        api = RedirectingApi(code, location)
+        server, url = serve(api)
+        try:
+            for name, value in env_with_key().items():
+                monkeypatch.setenv(name, value)
+            words = write_words(tmp_path / "words.jsonl")
+            out = tmp_path / "out"
+            result = run_script(SCRIPT, *generator_args(url, out, words,
+                                                        guessers=["guesser-good"], games=2),
+                                expect_ok=False)
+        finally:
+            server.shutdown()
+            server.server_close()
+    finally:
+        other.shutdown()
+        other.server_close()
+    assert not [h for _, _, h in seen if "authorization" in {k.lower() for k in h}], seen
+    assert seen == []                         # not even a request without the key
+    assert api.requests == ["describer"]      # and no retry: every one would be redirected
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    target = location if elsewhere else url.removesuffix("/v1") + location
+    assert len(errors) == 1 and f"HTTP {code}" in errors[0] and target in errors[0], errors
+    # the game the redirect cut short is not recorded: a resume plays it
+    assert not (out / "games.jsonl").exists() or not (out / "games.jsonl").read_text().strip()
+    assert not (out / "summary.json").exists() and not (out / "rows_wordguesser.jsonl").exists()
+    assert_key_nowhere(out, result.stdout, result.stderr)
 
 
 def test_help_lists_flags():
