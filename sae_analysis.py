@@ -45,7 +45,7 @@ from pipeline import (DEFAULT_BASE_MODEL, IGNORE_INDEX, PipelineError, add_alias
                       check_adapter_dir, close_distributed, gather_to_first, init_distributed,
                       length_sorted_batches, load_manifest, load_model_with_adapter, load_split,
                       load_tokenizer, pad_batch, pick_dtype, provenance, resolve_base_model,
-                      run_main, shard_indices, tokenize_split, write_json_atomic)
+                      run_main, shard_indices, temp_prefix, tokenize_split, write_json_atomic)
 
 DEFAULT_SAE_RELEASE = "gemma-scope-2-1b-it-res"
 DEFAULT_SAE_ID = "layer_17_width_16k_l0_small"
@@ -280,7 +280,7 @@ def save_npz_atomic(path: Path, arrays: dict) -> None:
     import numpy as np
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "wb") as f:
         np.savez(f, **arrays)
     os.chmod(tmp, 0o644)
