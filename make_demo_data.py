@@ -52,7 +52,7 @@ import tempfile
 from decimal import Decimal
 from pathlib import Path
 
-from pipeline import PipelineError, check_output_file, run_main, seed_type
+from pipeline import PipelineError, check_output_file, run_main, seed_type, temp_prefix
 
 SCRIPT = "make_demo_data.py"
 
@@ -373,7 +373,7 @@ def write_rows_atomic(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows)
     data = data.encode("utf-8")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             if path.name.endswith(".gz"):

@@ -122,10 +122,29 @@ def provenance(seed: int | None = None, manifest: str | Path | None = None) -> d
     }
 
 
+def temp_prefix(final: str | Path) -> str:
+    """`.<name>.<pid>@<host>.`, the start of a temp file or staging folder's name beside final:
+    the name records its writer, so the runner's sweep of temp left by killed runs can tell a
+    live writer's (a training started by hand into the run dir) from a dead one's."""
+    return f".{Path(final).name}.{os.getpid()}@{platform.node()}."
+
+
+def temp_writer(name: str) -> tuple[int, str] | None:
+    """(pid, host) from a temp_prefix name (`.<name>.<pid>@<host>.<random>.tmp`; dataset.py's
+    staging names have the same tail), None for a name that records no writer."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return None
+    # the last `.<pid>@`: the final name before it may hold dots; the random part has none
+    head, sep, rest = name[:-len(".tmp")].rpartition("@")
+    pid = head.rpartition(".")[2]
+    host = rest.rpartition(".")[0]
+    return (int(pid), host) if sep and pid.isdigit() and host else None
+
+
 def write_json_atomic(path: str | Path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=False, default=str)
         f.write("\n")
@@ -136,7 +155,7 @@ def write_json_atomic(path: str | Path, obj) -> None:
 def write_jsonl_atomic(path: str | Path, rows) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         for row in rows:
             f.write(json.dumps(row, default=str) + "\n")
@@ -148,7 +167,7 @@ def staging_dir(final: str | Path) -> Path:
     """A fresh sibling temp directory; `publish_dir` renames it onto `final` when complete."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    return Path(tempfile.mkdtemp(prefix=temp_prefix(final), suffix=".tmp", dir=final.parent))
 
 
 def publish_dir(staged: Path, final: str | Path) -> None:

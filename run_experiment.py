@@ -30,10 +30,19 @@ researcher would paste them, with {placeholders}:
 Placeholders: {run_dir}; {seed} (the seed of a per-seed step, else base_seed); {seed_dir}
 (= {run_dir}/seed_<seed>, per-seed steps only); {split_dir} (= {seed_dir} when per_seed_split is
 true, else {run_dir}); and the names in [vars]. Anything else is an error ({{ and }} are literal
-braces). The command is resolved, then split like shell words: a [vars] value may hold several
-flags ("--dataset-config smol-magpie-ultra"), the built-in paths stay one word each. A [vars] value
-may use the built-in placeholders, not other vars. Relative paths are relative to the repository
-root. An input may be a glob ({run_dir}/seed_*/eval_*.json).
+braces). The command is resolved, then split like shell words; a placeholder's value stays one
+word, spaces and all (a path with spaces reaches the script as one argument, and commands.sh
+quotes it), except a [vars] value that starts with `-`: that holds flags and splits into words
+("--dataset-config smol-magpie-ultra" is two; quote inside it to keep a word whole), and an
+empty value, which adds no word. A [vars] value may use the built-in placeholders, not other
+vars. Relative paths are relative to the repository root. An input may be a glob
+({run_dir}/seed_*/eval_*.json).
+
+Checked when the recipe loads, before anything runs: each step's script exists (unless the step
+is optional); no two tasks (steps, or seeds of a per-seed step) declare the same output, and no
+task declares an output inside another's (a path in another step's output folder would be
+deleted when that folder is written anew, and would keep the folder there when its own files are
+gone, so the other step would pass as up to date). A step may declare a folder and files in it.
 
 Inputs: a declared input that does not exist, and that no earlier step of the recipe writes, is
 an error before anything runs (a mistyped path would otherwise be fingerprinted as "missing" and
@@ -98,9 +107,12 @@ is taken before anything is written and removed at the end; a second runner on t
 stops with an error naming the holder. A lock left by a runner that died is taken over with a
 note. Steps run in the runner's process group (so `kill -- -PGID` stops both), and die with the
 runner however it ends: SIGTERM/SIGHUP stop the running steps first, and a step gets SIGTERM
-from the kernel if the runner is killed outright (Linux PR_SET_PDEATHSIG). With the lock held, every
-`.*.tmp` staging folder or file under the run dir was left by an earlier, killed run (its runner
-and steps are gone), so it is removed, with a note, before the first step.
+from the kernel if the runner is killed outright (Linux PR_SET_PDEATHSIG). With the lock held, a
+`.*.tmp` staging folder or file under the run dir whose writer is gone (an earlier, killed run's)
+is removed, with a note, before the first step. The scripts' temp names record the writer
+(`.<name>.<pid>@<host>.<random>.tmp`): one whose process is alive (a training started by hand into
+the run dir) or that was written on another host is kept, with a note; one whose name records no
+writer is removed.
 """
 
 from __future__ import annotations
@@ -130,7 +142,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import PipelineError, write_json_atomic
+from pipeline import PipelineError, temp_writer, write_json_atomic
 
 ROOT = Path(__file__).resolve().parent
 STATE_FILE = ".runner_state.json"
@@ -296,6 +308,7 @@ def load_recipe(path: Path, run_dir: str | None, seeds: list[int] | None,
     if not recipe.run_dir:
         raise RunnerError(f"recipe {path} has no [recipe] run_dir; pass --run-dir")
     check_steps(recipe)
+    plan_tasks(recipe)   # its checks: scripts, outputs, before anything runs
     return recipe
 
 
@@ -438,17 +451,35 @@ class _KeepUnknown(dict):
 
 def resolve(recipe: Recipe, text: str, seed: int | None, quote: bool = False) -> str:
     """Fill the placeholders of one string (checked beforehand by check_placeholders). With quote
-    (a command line), the built-in paths are shell-quoted so they stay one word; [vars] go in as
-    written, so one var may hold several flags."""
-    q = shlex.quote if quote else str
-    values = _KeepUnknown(run_dir=q(recipe.run_dir),
-                          seed=str(recipe.base_seed if seed is None else seed))
+    (a command line, split into words next), every value is shell-quoted so it stays one word,
+    spaces and all, except a [vars] value that holds flags (is_flags): it goes in as written, to
+    be split into several words, and an empty one, which adds no word."""
+    plain = _KeepUnknown(run_dir=recipe.run_dir,
+                         seed=str(recipe.base_seed if seed is None else seed))
     if seed is not None:
-        values["seed_dir"] = q(f"{recipe.run_dir}/seed_{seed}")
+        plain["seed_dir"] = f"{recipe.run_dir}/seed_{seed}"
     if seed is not None or not recipe.per_seed_split:
-        values["split_dir"] = values["seed_dir"] if recipe.per_seed_split else values["run_dir"]
-    values.update({k: v.format_map(values) for k, v in recipe.vars.items()})
+        plain["split_dir"] = plain["seed_dir"] if recipe.per_seed_split else plain["run_dir"]
+    if not quote:
+        values = _KeepUnknown(plain)
+        values.update({k: v.format_map(plain) for k, v in recipe.vars.items()})
+        return text.format_map(values)
+    quoted = _KeepUnknown({k: shlex.quote(v) for k, v in plain.items()})
+    values = _KeepUnknown(quoted)
+    for name, value in recipe.vars.items():
+        if is_flags(value):
+            values[name] = value.format_map(quoted)   # a path in a flag stays one word too
+        else:
+            value = value.format_map(plain)
+            values[name] = shlex.quote(value) if value.strip() else ""
     return text.format_map(values)
+
+
+def is_flags(value: str) -> bool:
+    """A [vars] value that starts with `-` holds flags ("--dataset-config smol-magpie-ultra"):
+    it is split like shell words in a command. Any other value is one word (a path with spaces
+    reaches the script as one argument)."""
+    return value.lstrip().startswith("-")
 
 
 def split_command(run: str) -> list[str]:
@@ -462,15 +493,24 @@ def split_command(run: str) -> list[str]:
 
 
 def plan_tasks(recipe: Recipe) -> list[Task]:
-    """Every command of the run in order: steps in recipe order, a per-seed step once per seed."""
+    """Every command of the run in order: steps in recipe order, a per-seed step once per seed;
+    checked (scripts exist, check_outputs) before it is returned."""
     tasks = []
     for step in recipe.steps:
         seeds = recipe.seeds if step_is_per_seed(recipe, step) else [None]
         for seed in seeds:
-            argv = split_command(resolve(recipe, step["run"], seed, quote=True))
+            where = f"recipe {recipe.path}: step {step['name']}"
+            try:
+                argv = split_command(resolve(recipe, step["run"], seed, quote=True))
+            except ValueError as err:   # an unclosed quote
+                raise RunnerError(f"{where}: run cannot be split into words ({err})")
             if not argv or not argv[0].endswith(".py"):
-                raise RunnerError(f"recipe {recipe.path}: step {step['name']}: run must start "
-                                  f"with the script (script.py --flags ...), got {argv[:1]}")
+                raise RunnerError(f"{where}: run must start with the script (script.py --flags "
+                                  f"...), got {argv[:1]}")
+            if not step.get("optional", False) and not repo_path(argv[0]).is_file():
+                # found now, not hours later when the step comes up
+                raise RunnerError(f"{where}: script {argv[0]} does not exist (a step whose "
+                                  "script may be absent is marked optional = true)")
             tasks.append(Task(
                 step=step["name"], seed=seed,
                 argv=argv,
@@ -480,7 +520,33 @@ def plan_tasks(recipe: Recipe) -> list[Task]:
                                  for p in step.get("optional_inputs", [])],
                 optional=bool(step.get("optional", False)),
                 reuse_existing=bool(step.get("reuse_existing", False))))
+    check_outputs(recipe, tasks)
     return tasks
+
+
+def check_outputs(recipe: Recipe, tasks: list[Task]) -> None:
+    """Each output belongs to one task. Two tasks declaring one path overwrite each other; a
+    path inside another task's output folder is deleted when that folder is staged anew, and
+    keeps the folder existing when its own files are gone, so the other task passes as up to
+    date. A task may declare a folder and files inside it."""
+    owner: dict[tuple[str, ...], tuple[Task, str]] = {}
+    for task in tasks:
+        for out in task.outputs:
+            first = owner.setdefault(path_parts(out), (task, out))
+            if first[0] is not task:
+                hint = (" (a per-seed step's outputs need {seed_dir} or {seed})"
+                        if first[0].step == task.step else "")
+                raise RunnerError(f"recipe {recipe.path}: steps {first[0].label} and "
+                                  f"{task.label} both declare the output {out}{hint}")
+    for task in tasks:
+        for out in task.outputs:
+            parts = path_parts(out)
+            for end in range(1, len(parts)):
+                outer = owner.get(parts[:end])
+                if outer and outer[0] is not task:
+                    raise RunnerError(f"recipe {recipe.path}: step {task.label}'s output {out} "
+                                      f"lies inside step {outer[0].label}'s output {outer[1]}; "
+                                      "declare each output in one step")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -710,17 +776,26 @@ def describe_holder(holder: dict | None) -> str:
             f"started {holder.get('started_utc')}")
 
 
-def remove_stale_temp(run_dir: Path) -> list[Path]:
-    """Every `.*.tmp` under the run dir. Only called with the lock held: no other runner works
-    here and the steps of earlier runners died with them, so each was left by a dead process.
-    Not searched: other hidden folders (.git, .venv, caches: no step stages there) and a folder
-    that another live runner holds (a run dir inside this one)."""
-    removed = []
+def remove_stale_temp(run_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(removed, kept): every `.*.tmp` under the run dir whose writer is gone is removed. Only
+    called with the lock held: no other runner works here and the steps of earlier runners died
+    with them; but a script started by hand may be writing into the run dir. Its temp name
+    records its pid and host (pipeline.temp_prefix), so a temp whose writer is alive here, or
+    runs on another host (whether it is alive cannot be told), is kept; one whose name records
+    no writer was left by an earlier run. Not searched: other hidden folders (.git, .venv,
+    caches: no step stages there) and a folder that another live runner holds (a run dir inside
+    this one)."""
+    removed, kept = [], []
+    host = platform.node()
     for folder, dirs, files in os.walk(run_dir):
         for name in [*dirs, *files]:
             if not (name.startswith(".") and name.endswith(".tmp")):
                 continue
             path = Path(folder) / name
+            writer = temp_writer(name)
+            if writer and (writer[1] != host or process_alive(writer[0])):
+                kept.append(path)
+                continue
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:
@@ -728,7 +803,17 @@ def remove_stale_temp(run_dir: Path) -> list[Path]:
             removed.append(path)
         dirs[:] = [d for d in dirs if not d.startswith(".")
                    and not held_by_live_runner(Path(folder) / d)]
-    return removed
+    return removed, kept
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process: alive
+        return True
+    return True
 
 
 def held_by_live_runner(folder: Path) -> bool:
@@ -752,12 +837,19 @@ def take_run_dir(run_dir: Path, lock: RunLock) -> None:
     if previous is not None:
         print(f"[runner] note: took over the lock {lock.path} left by a runner that is gone "
               f"({describe_holder(previous)})", flush=True)
-    removed = remove_stale_temp(run_dir)
+    removed, kept = remove_stale_temp(run_dir)
     if removed:
-        shown = ", ".join(str(p.relative_to(run_dir)) for p in removed[:5])
-        more = f" and {len(removed) - 5} more" if len(removed) > 5 else ""
         print(f"[runner] note: removed {len(removed)} temp folder(s)/file(s) an earlier, killed "
-              f"run left in {run_dir}: {shown}{more}", flush=True)
+              f"run left in {run_dir}: {shown_paths(removed, run_dir)}", flush=True)
+    if kept:
+        print(f"[runner] note: kept {len(kept)} temp folder(s)/file(s) in {run_dir} whose writer "
+              f"is still running (or runs on another host): {shown_paths(kept, run_dir)}",
+              flush=True)
+
+
+def shown_paths(paths: list[Path], run_dir: Path) -> str:
+    shown = ", ".join(str(p.relative_to(run_dir)) for p in paths[:5])
+    return shown + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
 
 
 def on_stop_signal(signum, frame):

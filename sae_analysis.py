@@ -46,7 +46,7 @@ from pipeline import (DEFAULT_BASE_MODEL, IGNORE_INDEX, PipelineError, add_alias
                       init_distributed, length_sorted_batches, load_manifest,
                       load_model_with_adapter, load_split, load_tokenizer, pad_batch, pick_dtype,
                       provenance, resolve_base_model, run_main, shard_indices, stamp_output,
-                      tokenize_split, write_json_atomic)
+                      temp_prefix, tokenize_split, write_json_atomic)
 
 SCRIPT = "sae_analysis.py"
 
@@ -283,7 +283,7 @@ def save_npz_atomic(path: Path, arrays: dict) -> None:
     import numpy as np
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "wb") as f:
         np.savez(f, **arrays)
     os.chmod(tmp, 0o644)

@@ -4,7 +4,9 @@ recipes name only scripts and flags that exist."""
 
 import json
 import os
+import platform
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -297,6 +299,32 @@ def test_bad_recipes_are_refused(tmp_path):
     assert "step name finetune is used twice" in msg
     msg = run_main(good, "--run-dir", run_dir, "--var", "modle=x")
     assert "--var modle=x" in msg
+    # the plan itself: two tasks writing one path, a path inside another step's output folder,
+    # a misspelled script, each found as the recipe loads
+    msg = run_main(variant("dupout", 'outputs = ["{seed_dir}/eval.json"',
+                           'outputs = ["{seed_dir}/adapter/train_metrics.json"'),
+                   "--run-dir", run_dir)
+    assert msg.endswith("steps finetune (seed 1) and eval (seed 1) both declare the output "
+                        f"{run_dir}/seed_1/adapter/train_metrics.json"), msg
+    msg = run_main(variant("seedout", '"{seed_dir}/adapter/train_metrics.json"',
+                           '"{run_dir}/train_metrics.json"'), "--run-dir", run_dir,
+                   "--seeds", 1, 2)
+    assert ("steps finetune (seed 1) and finetune (seed 2) both declare the output "
+            f"{run_dir}/train_metrics.json (a per-seed step's outputs need {{seed_dir}}") in msg
+    msg = run_main(variant("inside", 'outputs = ["{seed_dir}/eval.json"',
+                           'outputs = ["{run_dir}/data/eval.json"'), "--run-dir", run_dir)
+    assert (f"step eval (seed 1)'s output {run_dir}/data/eval.json lies inside step dataset's "
+            f"output {run_dir}/data;") in msg
+    misspelled = variant("script", "finetune.py train", "finetun.py train")
+    msg = run_main(misspelled, "--run-dir", run_dir)
+    assert "step finetune: script finetun.py does not exist" in msg and "\n" not in msg
+    with pytest.raises(rx.RunnerError, match="script finetun.py does not exist"):
+        rx.load_recipe(misspelled, str(run_dir), None, [])
+    # optional = true: a script that may be absent (skipped with a note when its step comes up)
+    optional = misspelled.read_text().replace('name = "finetune"', 'name = "finetune"\n'
+                                                                   'optional = true')
+    misspelled.write_text(optional)
+    assert rx.load_recipe(misspelled, str(run_dir), None, []).steps[1]["optional"]
     assert "does not exist" in run_main(tmp_path / "nope.toml")
     assert not run_dir.exists()
     # from the command line: one `error:` line, exit code 2
@@ -333,6 +361,42 @@ outputs = ["{run_dir}/c.json"]
     assert shared.argv == ["compare_evals.py", "--a", "runs/x y/a", "--seed", "42", "--x",
                            "{literal}"]
     assert "uv run python dataset.py --run-dir 'runs/x y/seed_3'" in rx.commands_text(r, [split])
+
+
+def test_a_var_with_spaces_is_one_argument(tmp_path):
+    """A [vars] value holding a path with spaces (here set by --var) reaches the script as one
+    argument, and commands.sh replays it so; a value that starts with `-` still holds flags."""
+    step = tmp_path / "step.py"
+    step.write_text(STAND_IN)
+    data = tmp_path / "my data" / "rows in.txt"
+    data.parent.mkdir()
+    data.write_text("rows")
+    run_dir = tmp_path / "run dir"
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'''
+[recipe]
+run_dir = "unused"
+[vars]
+step = "{step}"
+data = "{tmp_path}/data.txt"
+flags = "--seed 5"
+[[steps]]
+name = "read"
+run = "{{step}} --in {{data}} --out {{run_dir}}/b.json {{flags}}"
+inputs = ["{{data}}"]
+outputs = ["{{run_dir}}/b.json"]
+''')
+    result = runner(recipe, run_dir, "--var", f"data={data}")
+    assert decisions(result.stdout) == {"read": "run"}
+    assert load(run_dir / "b.json")["read"] == "rows" and load(run_dir / "b.json")["seed"] == "5"
+    commands = (run_dir / "commands.sh").read_text()
+    line = next(l for l in commands.splitlines() if l.startswith("uv run python"))
+    assert shlex.split(line) == ["uv", "run", "python", str(step), "--in", str(data), "--out",
+                                 f"{run_dir}/b.json", "--seed", "5"]
+    (run_dir / "b.json").unlink()
+    subprocess.run(["bash", "-c", commands.replace("uv run python", shlex.quote(sys.executable))],
+                   cwd=ROOT, check=True, capture_output=True)
+    assert load(run_dir / "b.json")["read"] == "rows"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,6 +614,51 @@ def test_second_runner_refused_and_stale_lock_taken_over(blocking):
     again = runner(recipe, run_dir)
     assert "note:" not in again.stdout
     assert decisions(again.stdout) == {"block": "skip (up to date)"}
+
+
+# writes a staging folder the way every script does (pipeline.staging_dir), then holds it
+WRITER = """import os, sys, time
+import pipeline
+print(os.getpid(), pipeline.staging_dir(sys.argv[1]), flush=True)
+if sys.argv[2] == "hold":
+    time.sleep(120)
+"""
+
+
+def test_sweep_keeps_the_staging_of_a_live_writer(stand_in):
+    """A training started by hand into the run dir is still writing its staging folder when the
+    runner starts: the sweep removes only temp whose writer is gone."""
+    recipe, run_dir = stand_in
+    live = subprocess.Popen([sys.executable, "-c", WRITER, str(run_dir / "seed_7" / "adapter"),
+                             "hold"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        live_stage = Path(live.stdout.readline().split(maxsplit=1)[1].strip())
+        dead = subprocess.run([sys.executable, "-c", WRITER, str(run_dir / "scores"), "exit"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True)
+        dead_pid, dead_stage = dead.stdout.split(maxsplit=1)
+        dead_stage = Path(dead_stage.strip())
+        assert live_stage.is_dir() and dead_stage.is_dir() and live_stage.parent.name == "seed_7"
+        (live_stage / "part").write_text("half a checkpoint")
+        # the same dead pid on another host: whether that writer lives cannot be told here
+        elsewhere = run_dir / f".report.{dead_pid}@not-{platform.node()}.abc123.tmp"
+        elsewhere.mkdir()
+        first = runner(recipe, run_dir)
+        assert live_stage.is_dir() and (live_stage / "part").read_text() == "half a checkpoint"
+        assert not dead_stage.exists() and elsewhere.is_dir()
+        assert (f"[runner] note: removed 1 temp folder(s)/file(s) an earlier, killed run left "
+                f"in {run_dir}: {dead_stage.name}") in first.stdout
+        kept = re.search(r"^\[runner\] note: kept 2 temp folder\(s\)/file\(s\) in (.*) whose "
+                         r"writer is still running \(or runs on another host\): (.*)$",
+                         first.stdout, re.M)
+        assert kept and kept.group(1) == str(run_dir), first.stdout
+        assert sorted(kept.group(2).split(", ")) == sorted([elsewhere.name,
+                                                            f"seed_7/{live_stage.name}"])
+    finally:
+        live.kill()
+        live.communicate()
+    again = runner(recipe, run_dir)      # its writer gone: removed
+    assert not live_stage.exists() and "removed 1 temp folder(s)" in again.stdout
+    assert f"note: kept 1 temp folder(s)/file(s) in {run_dir} whose" in again.stdout
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
