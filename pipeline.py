@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -60,12 +61,24 @@ def seed_type(text: str) -> int:
     return value
 
 
+# what the machine, not the code, can make a write fail with: said in one line, not a traceback
+ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+
+
 def run_main(main) -> None:
-    """Run a script's main(), turning PipelineError into a one-line message and exit code 2."""
+    """Run a script's main(), turning PipelineError (and a write refused by the machine: no
+    permission, a full or read-only disk) into a one-line message and exit code 2."""
     try:
         main()
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}; nothing was published (outputs are "
+              "staged and renamed only when complete)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -311,13 +324,20 @@ def staged_output(final: str | Path, script: str):
 
 
 def read_json(path: str | Path, what: str = "file") -> dict:
+    """A JSON object from path (every JSON file the scripts read is one): another shape, bad JSON
+    or a missing file is a one-line error naming the file."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{what} {path} does not exist")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise PipelineError(f"{what} {path} is not valid JSON (line {err.lineno}: {err.msg})")
+    except UnicodeDecodeError:
+        raise PipelineError(f"{what} {path} is not a text file")
+    if not isinstance(data, dict):
+        raise PipelineError(f"{what} {path} holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def read_jsonl(path: str | Path, what: str = "file") -> list[dict]:
@@ -604,6 +624,13 @@ def set_attention(attn_implementation: str | None) -> str | None:
     return "sdpa" if attn_implementation == SDPA_CUDNN else attn_implementation
 
 
+def weight_load_errors() -> tuple:
+    """What loading a model or adapter raises for a missing, unreadable or truncated file."""
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, SafetensorError)
+
+
 def load_base_model(name_or_path: str, dtype, device, attn_implementation: str | None = "sdpa"):
     from transformers import AutoModelForCausalLM
 
@@ -611,7 +638,7 @@ def load_base_model(name_or_path: str, dtype, device, attn_implementation: str |
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype,
                                                      attn_implementation=attn_implementation)
-    except (OSError, ValueError) as err:
+    except weight_load_errors() as err:
         raise PipelineError(f"cannot load model {name_or_path}: {str(err).splitlines()[0]}")
     return model.to(device)
 
@@ -625,7 +652,12 @@ def load_model_with_adapter(base_model: str, adapter_path: str | None, dtype, de
     if adapter_path is None:
         return model
     check_adapter_dir(adapter_path)
-    return PeftModel.from_pretrained(model, str(adapter_path), is_trainable=trainable).to(device)
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=trainable)
+    except weight_load_errors() as err:
+        raise PipelineError(f"cannot load the adapter in {adapter_path}: "
+                            f"{str(err).splitlines()[0]}")
+    return model.to(device)
 
 
 def base_model_of_adapter(adapter_path: str | Path) -> str | None:

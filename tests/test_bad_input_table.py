@@ -59,6 +59,12 @@ def template(tmp_path_factory, tiny_model):
     tiny.write_jsonl(evals / "nofield.per_example.jsonl",
                      [{k: v for k, v in r.items() if k != "supervised_tokens"} for r in rows])
     write_score_folders(root)
+    shutil.copytree(root / "good_scores", root / "list_scores")
+    (root / "list_scores" / "summary.json").write_text("[]\n")    # JSON of the wrong shape
+    truncated = root / "truncated_model"           # a model whose weights file was cut short
+    shutil.copytree(tiny_model, truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[:len(weights) // 2])
     (root / "report.json").write_text("{}")   # a report.json in the working directory
     (root / "run" / "scores" / pipeline.OUTPUT_STAMP).write_text('{"script": "score.py"}\n')
     foreign = root / "foreign"          # somebody else's folder: --overwrite must not touch it
@@ -342,6 +348,10 @@ CASES = {
         "score.py", ["--manifest", M, "--scores-from", "good_scores", "--arms", "attribution,twin",
                      "--arm-scores", "twin=twin_scores", "--subset-k", 3, "--output-dir", "arms"],
         ["twin_scores", "train_fingerprint"]),
+    # files of the wrong shape or cut short: one line, not a traceback
+    "score: --scores-from summary.json holding a list": (
+        "score.py", ["--manifest", M, "--scores-from", "list_scores", "--subset-k", 3,
+                     "--output-dir", "redrawn"], ["list_scores/summary.json", "JSON list"]),
     # prepare_model.py
     "prepare_model: missing GGUF": (
         "prepare_model.py", ["--gguf", "none.gguf", "--output-dir", "model"], ["none.gguf"]),
@@ -408,3 +418,33 @@ def test_overwrite_replaces_only_the_same_scripts_folder(case_dir):
             raise RuntimeError("boom")
     assert sorted(p.name for p in case_dir.iterdir() if p.name.startswith(".")) == []
     assert (out / "a.txt").read_text() == "1" and not (out / "b.txt").exists()
+
+
+def test_a_write_the_machine_refuses_is_one_error_line(capsys):
+    """A full or read-only disk (or no permission) mid-run: exit 2 and one line naming the file,
+    not a traceback; an OSError of the code's own making still raises."""
+    import errno
+
+    def full_disk():
+        raise OSError(errno.ENOSPC, "No space left on device", "run/scores/train_scores.jsonl")
+
+    with pytest.raises(SystemExit) as stop:
+        pipeline.run_main(full_disk)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1
+    assert err[0].startswith("error: No space left on device (run/scores/train_scores.jsonl)")
+
+    def bug():
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "x")
+
+    with pytest.raises(FileNotFoundError):
+        pipeline.run_main(bug)
+
+
+def test_truncated_weights_are_one_error_line(case_dir):
+    """A model or adapter whose weights file was cut short: PipelineError naming the folder (the
+    loaders every script uses), not safetensors' own exception."""
+    import torch
+
+    with pytest.raises(pipeline.PipelineError, match="cannot load model truncated_model"):
+        pipeline.load_base_model("truncated_model", torch.float32, torch.device("cpu"))
