@@ -3,6 +3,7 @@ simulation), report.py's verdict sentence and table from fabricated arm runs, an
 recipe's plan. The arms' selection rules are tested in tests/test_subsets.py."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -268,7 +269,7 @@ def test_budget_match_is_visible_in_the_table(tmp_path):
     assert "NOT budget-matched" in md
 
 
-def fabricate_sae_predictors(run, n=60, k=10):
+def fabricate_sae_predictors(run, n=60, k=10, noises=(0.3, 3)):
     """Two predictors as train_bidir_classifier.py leaves them in the verdict's split folder (one
     per pooling), a train_base with planted rows, and the arms steps' record that the sae arm
     drew from sae_predictor_all (recorded as an absolute path on another machine)."""
@@ -285,7 +286,8 @@ def fabricate_sae_predictors(run, n=60, k=10):
     truth = rng.normal(size=n) - 2.0 * corrupted
     truth[0] = np.nan   # an unscored row: no prediction, left out of both AUCs
     made = {}
-    for pooling, spearman, overlap, noise in (("all", 0.61, 6, 0.3), ("completion", 0.38, 4, 3)):
+    for pooling, spearman, overlap, noise in (("all", 0.61, 6, noises[0]),
+                                              ("completion", 0.38, 4, noises[1])):
         folder = run / f"sae_predictor_{pooling}"
         folder.mkdir()
         predicted = truth + noise * rng.normal(size=n)
@@ -342,16 +344,39 @@ def test_sae_predictor_table(tmp_path):
         assert row["planted AUC"] == f"{auc[pooling]:.3f}"
         assert row["attribution planted AUC"] == f"{attribution_auc:.3f}"
     assert cells["all"]["used by"] == "sae (5 seeds)" and cells["completion"]["used by"] == "-"
-    assert section["comparison"] == (
-        f"Out of fold, `all` predicts the attribution rank better (all 0.610 vs completion "
-        f"0.380); `all` separates the planted rows better (all {auc['all']:.3f} vs completion "
-        f"{auc['completion']:.3f}); the attribution score itself: AUC {attribution_auc:.3f}.")
+    # the poolings compared on the same rows, by a paired bootstrap: the point differences are
+    # the rows' own (scipy's Spearman, sklearn's AUC), and noise 0.3 vs 3 is a clear difference
+    from scipy.stats import spearmanr
+
+    gap = (spearmanr(made["all"][0][keep], truth[keep]).statistic
+           - spearmanr(made["completion"][0][keep], truth[keep]).statistic)
+    match = re.fullmatch(
+        r"Out of fold, `all` - `completion` \(paired bootstrap over 59 rows, 95%\): "
+        r"attribution-rank Spearman ([+-][\d.]+) \[([+-][\d.]+), ([+-][\d.]+)\], `all` better; "
+        r"planted AUC ([+-][\d.]+) \[([+-][\d.]+), ([+-][\d.]+)\], `all` better; "
+        r"the attribution score itself: AUC ([\d.]+)\.", section["comparison"])
+    assert match, section["comparison"]
+    values = [float(v) for v in match.groups()]
+    assert values[0] == pytest.approx(gap, abs=5e-4) and 0 < values[1] < values[0] < values[2]
+    assert values[3] == pytest.approx(auc["all"] - auc["completion"], abs=5e-4)
+    assert values[4] < values[3] < values[5]
+    assert values[6] == pytest.approx(attribution_auc, abs=5e-4)
     assert f"- run: {section['comparison']}" in md
     sae = md_rows(md, "scratch")["sae"]
     assert sae["score-length Spearman"] == "0.200"   # sae_predictor_all's, the one it drew from
     assert sae["subset rows"] == "40"
     assert result["verdict"]["designs"]["scratch"]["arms"]["sae"]["verdict"] in (
         "beats", "does not beat", "is worse than")
+
+
+def test_two_poolings_alike_are_not_called_different(tmp_path):
+    """Predictions of equal quality (the same noise): the interval covers 0 and the line says
+    so, whatever the point estimates (one fit each is not a finding)."""
+    run = fabricate_verdict_run(tmp_path / "run", {"scratch": {"sae": (-0.01, 0.02)}})
+    fabricate_sae_predictors(run, noises=(1.0, 1.0))
+    result, _ = verdict_report(run)
+    comparison = result["sae_predictors"]["run"]["comparison"]
+    assert comparison.count("no difference shown") == 2 and "better" not in comparison
 
 
 def test_holm_by_hand():
