@@ -164,6 +164,18 @@ def publish_dir(staged: Path, final: str | Path) -> None:
 OUTPUT_STAMP = ".written_by.json"
 
 
+def refuse_working_directory(path: str | Path, flag: str) -> Path:
+    """An output folder that is the working directory (a checkout, say) or a folder above it
+    would be written into, or replaced, along with everything else there. Returns the resolved
+    path."""
+    resolved = Path(path).resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise PipelineError(f"{flag} {path} is the working directory or a folder above it; "
+                            "name a folder of its own")
+    return resolved
+
+
 def check_output_dir(path: str | Path, overwrite: bool, script: str, inputs=(),
                      flag: str = "--output-dir") -> Path:
     """Refuse, before any work, an output folder that would destroy something: the working
@@ -171,11 +183,7 @@ def check_output_dir(path: str | Path, overwrite: bool, script: str, inputs=(),
     non-empty folder without --overwrite, or (with --overwrite) a folder another script (or a
     person) wrote. Also refuse a place that cannot be written."""
     path = Path(path)
-    resolved = path.resolve()
-    cwd = Path.cwd().resolve()
-    if resolved == cwd or resolved in cwd.parents:
-        raise PipelineError(f"{flag} {path} is the working directory or a folder above it; "
-                            "name a folder of its own")
+    resolved = refuse_working_directory(path, flag)
     for item in inputs:
         if item is None:
             continue
