@@ -13,8 +13,8 @@ without one (a single JSONL, say) has attr_query and eval carved out by whole gr
 --group-column, so no group (e.g. one instruction answered by ten models) is in two splits.
 
 --task taboo reads playpen-style rows: `messages` (the player's view of one episode) and `meta`
-(game, game_role, experiment, task_id, outcome, model, optionally target_word/related_word). It
-keeps one game and role (default: taboo, WordGuesser), drops aborted episodes and those with
+(game, game_role, experiment, task_id, outcome, model, target_word, related_word). It keeps one
+game and role (default: taboo, WordGuesser), drops aborted episodes and those with
 meta.special_token_leak (counted in filter_stats), and always carves attr_query and eval out by
 whole target words: no eval word is a target in train_base or attr_query, and attr_query shares no
 word with train_base either. Episodes of a --taboo-train-versions source (default: the 12 v2.0
@@ -25,14 +25,21 @@ outcomes per split. --text-format flat renders every row as the seed did (see --
 target_word and related_words, mapped as
   category            = meta.experiment (e.g. high_en; the strata of the sampling)
   difficulty          = the experiment's frequency level (high / medium / low)
-  quality             = meta.outcome (success / failure / ...)
+  quality             = meta.outcome, lower-cased: one of taboo.OUTCOMES (success, lose,
+                        failure, aborted; "Success" is success); any other value is refused
   reward_model_score  = 1.0 for outcome success, 0.0 for any other outcome (a row without
                         meta.outcome or meta.experiment is an error, see "Null values")
   conversation_tokens = the row's conversation_tokens when present, else a cheap proxy:
                         whitespace-separated words over all turns (no tokenizer involved)
   group_id            = {category}::{difficulty}::{source split}::g{target word}
-The target word comes from meta.target_word, else from the Taboo instances file (--instances,
-clembench v2.0 layout) keyed by (meta.experiment, meta.task_id = the instance's game_id).
+A row's labels are its own: target_word = meta.target_word, related_words = meta.related_word
+(the taboo words the clue check judges clues by; [] for a game without any). A row whose target
+word is missing, blank or not a string, or whose related words are missing or not a list of
+words, is refused (or dropped and counted with --drop-bad-rows); neither is ever filled in from
+elsewhere. An instances file looked up by (experiment, task_id) may be another clembench
+version's, whose word for that game differs: its words would land in train and eval at once with
+every check passing, so dataset.py reads no instances file (the flag that named one is refused;
+fill meta.target_word from the file the games were played with before running dataset.py).
 --min-reward-model-score 1 keeps only won games.
 
 --corrupt-fraction F plants a known signal for attribution to find: after train_base is sampled,
@@ -49,6 +56,14 @@ and eval: always False / None; they are never corrupted); score_pool is train_ba
 is corrupted identically. The manifest's `corruption` entry records fraction, seed, count, method.
 With F = 0 (default) nothing changes: no columns, no manifest entry.
 
+Labels and types: a group key, category, difficulty or quality (with --task taboo
+meta.experiment) must be a string or a number, not a dict or list (whose str() would become a
+group or stratum of its own); a whole float is the int it equals, so instruction_id 5 and 5.0
+are one group, not two that land in two splits. `messages` stored as a JSON string is parsed
+(counted as messages_parsed_from_json_string); a string that is not a JSON list of messages is a
+bad row. A row that breaks these is refused, naming it, or dropped with --drop-bad-rows. When the
+filters leave no row at all, the error names each filter and how many rows it dropped.
+
 Null values: a row whose --group-column, category or reward_model_score is null, empty or NaN
 (with --task taboo: meta.experiment or meta.outcome, their sources) stops the run with one error
 naming the column and how many rows have it, since such rows would all fall into one group or
@@ -62,12 +77,17 @@ old ones deleted. A failure (a bad row in the last split, SIGTERM, Ctrl-C) befor
 leaves the old run as it was and removes the staging folder; one killed outright leaves the
 staging folder, which the next dataset.py run on the same --run-dir removes (its process is
 gone). data/ belongs to dataset.py: it is replaced whole, so a data/ holding anything but split
-folders is refused.
+folders is refused. The staging folder is made before the source is read and doubles as the
+run's claim on --run-dir: a run that finds another live dataset.py run's staging folder there
+stops (of two runs started at once, at most one goes on), so a later run never silently replaces
+an earlier one's manifest; after the claim, an existing manifest.json still needs --overwrite.
+--run-dir may not be the working directory or a folder above it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import math
@@ -83,8 +103,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import (MANIFEST_SCHEMA_VERSION, PipelineError, SPLIT_COLUMNS, TEXT_FORMATS,
-                      provenance, relative_to, run_main, seed_type, write_json_atomic)
-from taboo import (DEFAULT_INSTANCES, frequency_level, load_instances, normalize_word, parse_guess,
+                      provenance, refuse_working_directory, relative_to, run_main, seed_type,
+                      write_json_atomic)
+from taboo import (OUTCOMES, frequency_level, normalize_outcome, normalize_word, parse_guess,
                    same_word)
 
 METADATA_COLUMNS = ["category", "difficulty", "quality", "reward_model_score"]
@@ -132,19 +153,21 @@ def parse_args(argv=None):
                         "them, instead of stopping")
     p.add_argument("--drop-bad-rows", action="store_true",
                    help="drop rows that cannot be flattened (no messages, final turn not from the "
-                        "assistant, empty completion; with --task taboo also no readable meta or "
-                        "no recoverable target word) and count them, instead of stopping")
+                        "assistant, empty completion) or carry a value of the wrong type (a dict "
+                        "as category or group; with --task taboo also no readable meta, a "
+                        "missing, blank or non-string meta.target_word, missing "
+                        "meta.related_word, an unknown meta.outcome) and count them, instead of "
+                        "stopping")
     taboo = p.add_argument_group("--task taboo")
-    taboo.add_argument("--instances", default=None,
-                       help="clembench Taboo instances file: the target word of a row without "
-                            "meta.target_word is looked up by (experiment, task_id) there "
-                            f"(default: {DEFAULT_INSTANCES}, read only if some row needs it)")
+    # gone: a target looked up by (experiment, task_id) may be another clembench version's word
+    taboo.add_argument("--instances", default=None, help=argparse.SUPPRESS)
     taboo.add_argument("--taboo-game", default="taboo", help="keep rows of this meta.game "
                                                               "(default: %(default)s)")
     taboo.add_argument("--taboo-role", default="WordGuesser",
                        help="keep rows of this meta.game_role (default: %(default)s)")
     taboo.add_argument("--taboo-drop-outcomes", default="aborted",
-                       help="comma-separated meta.outcome values to drop; '' keeps all "
+                       help="comma-separated meta.outcome values to drop, of "
+                            f"{', '.join(OUTCOMES)} (any case); '' keeps all "
                             "(default: %(default)s)")
     taboo.add_argument("--taboo-train-versions", default="paulutsch-playpen-eval",
                        help="comma-separated meta.clembench_version values whose episodes stay "
@@ -185,12 +208,21 @@ def parse_args(argv=None):
         args.dataset_config = dataset_config
     if args.whole_words and args.task != "taboo":
         p.error("--whole-words is for --task taboo")
+    if args.instances is not None:
+        p.error("--instances is no longer read: a target word looked up by (experiment, "
+                "task_id) may be another clembench version's; every row must carry its own "
+                "meta.target_word and meta.related_word (fill them from the instances file the "
+                "games were played with, then run without --instances)")
     if args.task == "taboo":
         if args.group_column:
             p.error("--group-column is fixed to the target word with --task taboo")
         args.group_column = "target_word"
-        args.taboo_drop_outcomes = [o.strip() for o in args.taboo_drop_outcomes.split(",")
-                                    if o.strip()]
+        given = [o.strip() for o in args.taboo_drop_outcomes.split(",") if o.strip()]
+        args.taboo_drop_outcomes = [normalize_outcome(o) for o in given]
+        unknown = [o for o, known in zip(given, args.taboo_drop_outcomes) if known is None]
+        if unknown:
+            p.error(f"--taboo-drop-outcomes {unknown[0]!r} is not a Taboo outcome (one of "
+                    f"{', '.join(OUTCOMES)}, any case)")
         args.taboo_train_versions = [v.strip() for v in args.taboo_train_versions.split(",")
                                      if v.strip()]
     return args
@@ -284,8 +316,20 @@ def read_source(dataset_name: str, dataset_config: str | None) -> tuple[dict[str
 def flatten_row(row: dict) -> tuple[list[dict] | None, str | None, str | None]:
     """(prompt messages, completion, None) or (None, None, reason it cannot be flattened)."""
     messages = row.get("messages")
-    if not isinstance(messages, list) or not messages:
+    if isinstance(messages, str):
+        # some exports store the list as a JSON string (as they do meta, see taboo_meta)
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            messages = None
+        if not isinstance(messages, list):
+            return None, None, ("column messages is a string but not a JSON list of messages "
+                                f"({row['messages']!r:.40})")
+    if messages is None or messages == []:
         return None, None, "missing or empty messages"
+    if not isinstance(messages, list):
+        return None, None, (f"column messages is a {type(messages).__name__}, not a list of "
+                            "messages")
     for number, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             return None, None, "a message without role/content"
@@ -311,6 +355,24 @@ def metadata_type_problem(row: dict) -> str | None:
         value = row.get(column)
         if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
             return f"column {column} is {type(value).__name__} {value!r:.40}, not {what}"
+    return None
+
+
+def label_text(value) -> str:
+    """The one text form of a group key or stratum: an id written as 5 in one row and 5.0 in
+    another (JSON writers differ) is one group, not two that can land in two splits."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def label_problem(values: dict) -> str | None:
+    """Group keys and strata ({column label: value}) must be strings or numbers: str() of a dict
+    or list would be a group or category named after it. Nulls are NullValues' to judge."""
+    for column, value in values.items():
+        if value is not None and not isinstance(value, (str, int, float)):
+            return (f"column {column} is a {type(value).__name__} ({value!r:.40}), not a string "
+                    "or number")
     return None
 
 
@@ -371,6 +433,35 @@ def add_filter_totals(stats: dict, args) -> None:
     stats["min_reward_model_score"] = args.min_reward_model_score
 
 
+def drop_cause(counter: str, args) -> str:
+    """The flag or field behind a filter_stats drop counter."""
+    causes = {
+        "dropped_too_long": f"--max-conversation-tokens {args.max_conversation_tokens}",
+        "dropped_reward": f"--min-reward-model-score {args.min_reward_model_score}",
+        "dropped_null_values": "--drop-null-groups",
+        "dropped_other_game": f"--taboo-game {args.taboo_game}",
+        "dropped_other_role": f"--taboo-role {args.taboo_role}",
+        "dropped_special_token_leak": "meta.special_token_leak",
+    }
+    if counter.startswith("dropped_outcome_"):
+        return "--taboo-drop-outcomes"
+    return causes.get(counter, "--drop-bad-rows")
+
+
+def check_rows_left(flattened: dict[str, list[dict]], stats: dict, source_label: str,
+                    args) -> None:
+    """A source the filters empty stops here, naming each filter and its count, rather than
+    later as a split that 'groups left 0' cannot fill."""
+    if any(flattened.values()):
+        return
+    total = stats["total"]
+    dropped = [f"{counter} {n} ({drop_cause(counter, args)})" for counter, n in total.items()
+               if counter.startswith("dropped_") and n]
+    raise PipelineError(f"{source_label}: the filters dropped every row "
+                        f"({total.get('rows_in', 0)} read: {'; '.join(dropped) or 'none counted'})"
+                        "; loosen that filter")
+
+
 def build_rows(source: dict[str, list[dict]], source_label: str, args) -> tuple[dict, dict]:
     """Flatten and filter every source split. Returns ({split: rows}, filter_stats)."""
     stats = {"per_source_split": {}}
@@ -380,21 +471,26 @@ def build_rows(source: dict[str, list[dict]], source_label: str, args) -> tuple[
         counts = Counter(rows_in=len(rows))
         kept = []
         needed = list(METADATA_COLUMNS) + ["conversation_tokens"]
+        label_columns = ["category", "difficulty", "quality"]
         if args.group_column:
             needed.append(args.group_column)
+            label_columns.append(args.group_column)
         for index, row in enumerate(rows):
             missing = [c for c in needed if c not in row]
             if missing:
                 raise PipelineError(f"{source_label} split '{split}' row {index}: missing "
                                     f"column(s) {', '.join(missing)}")
             prompt, completion, problem = flatten_row(row)
-            problem = problem or metadata_type_problem(row)
+            problem = (problem or metadata_type_problem(row)
+                       or label_problem({c: row[c] for c in label_columns}))
             if problem is not None:
                 if not args.drop_bad_rows:
                     raise PipelineError(f"{source_label} split '{split}' row {index}: {problem} "
                                         "(--drop-bad-rows drops such rows)")
                 counts["dropped_unflattenable"] += 1
                 continue
+            if isinstance(row["messages"], str):
+                counts["messages_parsed_from_json_string"] += 1
             checked = {"category": row["category"], "reward_model_score": row["reward_model_score"]}
             if args.group_column:
                 checked = {args.group_column: row[args.group_column], **checked}
@@ -415,12 +511,12 @@ def build_rows(source: dict[str, list[dict]], source_label: str, args) -> tuple[
                 "source_split": split,
                 "prompt": prompt,
                 "completion": completion,
-                "category": str(row["category"]),
-                "difficulty": None if row["difficulty"] is None else str(row["difficulty"]),
-                "quality": None if row["quality"] is None else str(row["quality"]),
+                "category": label_text(row["category"]),
+                "difficulty": None if row["difficulty"] is None else label_text(row["difficulty"]),
+                "quality": None if row["quality"] is None else label_text(row["quality"]),
                 "reward_model_score": None if reward is None else float(reward),
                 "conversation_tokens": None if tokens is None else int(tokens),
-                "group_key": str(group_value) if args.group_column else str(index),
+                "group_key": label_text(group_value) if args.group_column else str(index),
             })
         counts["rows_kept"] = len(kept)
         stats["per_source_split"][split] = dict(counts)
@@ -445,45 +541,51 @@ def taboo_meta(row: dict) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
-class TabooTargets:
-    """Target word (and related words) of a row: meta first, else the instances file. The file
-    is read only when a row needs it, so data that carries its targets needs no file."""
+def taboo_target(meta: dict) -> tuple[str | None, str | None]:
+    """(target word, None) from the row's own meta, or (None, why not).
 
-    def __init__(self, path: str | None):
-        self.path = Path(path or DEFAULT_INSTANCES)
-        self.explicit = path is not None
-        self._instances = None
-        if self.explicit:
-            self._instances = load_instances(self.path)
+    Never from anywhere else: an instances file looked up by (experiment, task_id) may be another
+    clembench version's, whose word for that game is a different one, and a wrong word passes
+    every check."""
+    target = meta.get("target_word")
+    if target is None:
+        return None, "no meta.target_word (a row's label is never looked up elsewhere)"
+    if not isinstance(target, str):
+        return None, f"meta.target_word is {type(target).__name__} {target!r:.40}, not a string"
+    if not normalize_word(target):
+        return None, f"meta.target_word {target!r:.40} is blank"
+    return normalize_word(target), None
 
-    def instances(self) -> dict | None:
-        if self._instances is None and self.path.is_file():
-            self._instances = load_instances(self.path)
-        return self._instances
 
-    def lookup(self, meta: dict) -> tuple[str | None, list[str], str | None, str | None]:
-        """(target word, related words, where the target came from, why it could not be found)."""
-        related = meta.get("related_word", meta.get("related_words"))
-        if isinstance(related, str):
-            related = [related]
-        target = meta.get("target_word")
-        if isinstance(target, str) and normalize_word(target):
-            return normalize_word(target), [str(w) for w in related or []], "meta", None
-        experiment, task_id = meta.get("experiment"), meta.get("task_id")
-        instances = self.instances()
-        if instances is None:
-            return None, [], None, (f"no meta.target_word, and the instances file {self.path} "
-                                    "does not exist (pass --instances)")
-        try:
-            instance = instances.get((str(experiment), int(task_id)))
-        except (TypeError, ValueError):
-            instance = None
-        if instance is None:
-            return None, [], None, (f"no meta.target_word, and (experiment {experiment!r}, "
-                                    f"task_id {task_id!r}) is not in {self.path}")
-        related = related if related else instance["related_word"]
-        return (normalize_word(instance["target_word"]), [str(w) for w in related],
-                "instances", None)
+def taboo_related_words(meta: dict) -> tuple[list[str] | None, str | None]:
+    """(related words, None) from the row's own meta, or (None, why not). A label like the
+    target: they are what taboo.clue_violations judges a clue by, so a row without them (never
+    filled in from elsewhere either) cannot be told from a game without taboo words, which says
+    so with []."""
+    key = "related_word" if "related_word" in meta else "related_words"
+    related = meta.get(key)
+    if related is None:
+        return None, ("no meta.related_word (the taboo words the clue check needs; [] for a game "
+                      "without any; never looked up elsewhere)")
+    if isinstance(related, str):
+        related = [related]
+    if not isinstance(related, list) or not all(isinstance(w, str) and normalize_word(w)
+                                                for w in related):
+        return None, f"meta.{key} is {related!r:.60}, not a list of words"
+    return list(related), None
+
+
+def taboo_meta_problem(meta: dict) -> str | None:
+    """meta fields that steer a filter must have their type: a string 'false' as
+    special_token_leak would count as a leak, a list as clembench_version cannot be compared."""
+    for key, kinds, what in (("special_token_leak", (bool,), "true or false"),
+                             ("clembench_version", (str,), "a string"),
+                             ("conversation_tokens", (int,), "a whole number")):
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, kinds)
+                                  or (bool not in kinds and isinstance(value, bool))):
+            return f"meta.{key} is {type(value).__name__} {value!r:.40}, not {what}"
+    return label_problem({"meta.experiment": meta.get("experiment")})
 
 
 def conversation_words(messages) -> int:
@@ -493,9 +595,9 @@ def conversation_words(messages) -> int:
 
 
 def build_taboo_rows(source: dict[str, list[dict]], source_label: str, args) -> tuple[dict, dict]:
-    """Filter to one game and role, drop unwanted outcomes, flatten, recover target words.
-    Returns ({split: rows}, filter_stats) in build_rows' shape, group_key = target word."""
-    targets = TabooTargets(args.instances)
+    """Filter to one game and role, drop unwanted outcomes, flatten, take each row's labels from
+    its meta. Returns ({split: rows}, filter_stats) in build_rows' shape, group_key = target
+    word."""
     drop_outcomes = set(args.taboo_drop_outcomes)
     train_versions = set(args.taboo_train_versions)
     stats = {"per_source_split": {}}
@@ -522,7 +624,18 @@ def build_taboo_rows(source: dict[str, list[dict]], source_label: str, args) -> 
             if meta.get("game_role") != args.taboo_role:
                 counts["dropped_other_role"] += 1
                 continue
-            outcome = meta.get("outcome")
+            problem = taboo_meta_problem(meta)
+            if problem is not None:
+                bad(counts, where, problem, "dropped_bad_meta")
+                continue
+            # "Success" is a win as "success" is; an unknown value (a typo, another game's
+            # vocabulary) would silently score as a loss
+            outcome = normalize_outcome(meta.get("outcome"))
+            if outcome is None and not is_null(meta.get("outcome")):
+                bad(counts, where, f"meta.outcome {meta.get('outcome')!r:.40} is not a Taboo "
+                                   f"outcome (one of {', '.join(OUTCOMES)}, any case)",
+                    "dropped_unknown_outcome")
+                continue
             if outcome in drop_outcomes:
                 counts[f"dropped_outcome_{outcome}"] += 1
                 continue
@@ -540,19 +653,25 @@ def build_taboo_rows(source: dict[str, list[dict]], source_label: str, args) -> 
             if nulls.found({"meta.experiment": meta.get("experiment"), "meta.outcome": outcome},
                            f"split '{split}' row {index}", counts):
                 continue
-            target, related, target_from, problem = targets.lookup(meta)
-            if target is None:
+            target, problem = taboo_target(meta)
+            if problem is not None:
                 bad(counts, where, problem, "dropped_no_target")
                 continue
+            related, problem = taboo_related_words(meta)
+            if problem is not None:
+                bad(counts, where, problem, "dropped_no_related_words")
+                continue
             counts["flattened"] += 1
-            counts[f"target_word_from_{target_from}"] += 1
-            # a won game whose last guess is not the target means the target is wrong, most
-            # likely an instances file of another clembench version than the transcripts
+            counts["target_word_from_meta"] += 1
+            if isinstance(row["messages"], str):
+                counts["messages_parsed_from_json_string"] += 1
+            # a won game whose last guess is not the target means the target is wrong (taken
+            # from another clembench version than the game was played with)
             if outcome == "success" and not same_word(parse_guess(completion), target):
-                counts[f"success_but_last_guess_not_target_from_{target_from}"] += 1
+                counts["success_but_last_guess_not_target_from_meta"] += 1
             tokens = row.get("conversation_tokens", meta.get("conversation_tokens"))
             if tokens is None:
-                tokens = conversation_words(row["messages"])
+                tokens = conversation_words(prompt + [{"content": completion}])
                 counts["conversation_tokens_proxy"] += 1
             if tokens > args.max_conversation_tokens:
                 counts["dropped_too_long"] += 1
@@ -561,7 +680,7 @@ def build_taboo_rows(source: dict[str, list[dict]], source_label: str, args) -> 
             if below_min_reward(reward, args.min_reward_model_score):
                 counts["dropped_reward"] += 1
                 continue
-            experiment = str(meta["experiment"])
+            experiment = label_text(meta["experiment"])
             version = meta.get("clembench_version")
             train_only = version in train_versions
             if train_only:
@@ -591,7 +710,7 @@ def build_taboo_rows(source: dict[str, list[dict]], source_label: str, args) -> 
                       "drop_outcomes": sorted(drop_outcomes),
                       "drop_special_token_leak": True,
                       "train_only_versions": sorted(train_versions),
-                      "instances": str(targets.path.resolve()) if targets._instances else None}
+                      "outcomes": list(OUTCOMES)}
     return flattened, stats
 
 
@@ -893,6 +1012,7 @@ def run_taboo_checks(splits: dict[str, list[dict]]) -> list[str]:
 
 def check_run_dir(run_dir: Path, overwrite: bool, source_label: str) -> None:
     """Before any work: an existing run needs --overwrite, and data/ must be dataset.py's own."""
+    refuse_working_directory(run_dir, "--run-dir")
     if run_dir.exists() and not run_dir.is_dir():
         raise PipelineError(f"--run-dir {run_dir} exists and is not a folder")
     manifest_path = run_dir / "manifest.json"
@@ -939,6 +1059,44 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def live_stages(run_dir: Path) -> list[Path]:
+    """Staging folders of dataset.py runs on this host whose process is alive: runs at work."""
+    return [path for path in sorted(run_dir.iterdir())
+            if (owner := stage_owner(path.name)) and owner[1] == platform.node()
+            and process_alive(owner[0])]
+
+
+@contextlib.contextmanager
+def claim_run_dir(run_dir: Path, overwrite: bool, source_label: str):
+    """Yield this run's staging folder, made before any work: it is also the run's claim on
+    run_dir. Each run makes its folder, then looks for another live run's, so of two runs
+    started at once the one that looks second sees the other's and stops (at most one goes on),
+    and a run that finished before the look left its manifest, which check_run_dir then sees.
+    On the way out the staging folder goes, and run_dir with the folders above it that this run
+    made, if they are empty (a failed run leaves nothing)."""
+    made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    staged = None
+    try:
+        remove_stale_stages(run_dir)
+        staged = stage_dir(run_dir)
+        others = [p for p in live_stages(run_dir) if p != staged]
+        if others:
+            raise PipelineError(f"--run-dir {run_dir} is being written by another dataset.py "
+                                f"run (pid {stage_owner(others[0].name)[0]}, staging folder "
+                                f"{others[0].name}); let it finish, or pick another --run-dir")
+        check_run_dir(run_dir, overwrite, source_label)
+        yield staged
+    finally:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: this run's output, or somebody else's
+                break
 
 
 def remove_stale_stages(run_dir: Path) -> None:
@@ -1012,11 +1170,13 @@ def taboo_summary(splits: dict[str, list[dict]], filter_stats: dict) -> dict:
         "episodes_per_split": {n: len(splits[n]) for n in names},
         "column_mapping": {
             "category": "meta.experiment", "difficulty": "frequency level of the experiment",
-            "quality": "meta.outcome", "reward_model_score": "1.0 if outcome == success, else "
-                                                            "0.0",
+            "quality": "meta.outcome, lower-cased (one of outcomes)",
+            "reward_model_score": "1.0 if outcome == success, else 0.0",
             "conversation_tokens": "the row's conversation_tokens if present, else whitespace "
                                    "words over all turns (a proxy, no tokenizer)",
-            "target_word": "meta.target_word, else the instances file by (experiment, task_id)",
+            "target_word": "meta.target_word (a row without one is refused or dropped, never "
+                           "filled in from elsewhere)",
+            "related_words": "meta.related_word (likewise)",
             "group_id": "{category}::{difficulty}::{source_split}::g{target_word}",
         },
     }
@@ -1025,9 +1185,17 @@ def taboo_summary(splits: dict[str, list[dict]], filter_stats: dict) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     run_dir = Path(args.run_dir)
-    manifest_path = run_dir / "manifest.json"
     check_run_dir(run_dir, args.overwrite, args.dataset_name)
+    with claim_run_dir(run_dir, args.overwrite, args.dataset_name) as staged:
+        splits, make_manifest = build_run(args)
+        entries = save_run(staged, run_dir, splits, make_manifest)
+    sizes = ", ".join(f"{name}={entry['num_rows']}" for name, entry in entries.items())
+    print(f"wrote {run_dir / 'manifest.json'} ({sizes})")
 
+
+def build_run(args) -> tuple[dict[str, list[dict]], object]:
+    """Read, filter and split the source and run the checks. Returns (splits, a function of the
+    saved split entries that makes the manifest)."""
     source, source_label = read_source(args.dataset_name, args.dataset_config)
     print(f"read {sum(len(r) for r in source.values())} rows from {source_label} "
           f"(splits: {', '.join(f'{k}={len(v)}' for k, v in source.items())})")
@@ -1036,9 +1204,10 @@ def main(argv=None):
         for key, n in filter_stats["total"].items():
             if key.startswith("success_but_last_guess_not_target"):
                 print(f"warning: {n} won game(s) end in a guess that is not their target word "
-                      f"({key}); is --instances the version the transcripts were played with?")
+                      f"({key}); is meta.target_word the word each game was played with?")
     else:
         flattened, filter_stats = build_rows(source, source_label, args)
+    check_rows_left(flattened, filter_stats, source_label, args)
     sampled, split_policy = make_splits(flattened, args)
     # the rendering is decided here once and travels with the rows, so finetune.py, score.py,
     # eval_loss.py and eval_words.py cannot disagree about it
@@ -1056,29 +1225,18 @@ def main(argv=None):
     checks = run_checks(splits, split_policy["requested"], grouped=bool(args.group_column))
     if args.task == "taboo":
         checks["passed"] += run_taboo_checks(splits)
-
-    entries = write_run(run_dir, splits, lambda entries: build_manifest(
-        args, entries, splits, split_policy, filter_stats, checks, corruption, source_label))
-    sizes = ", ".join(f"{name}={entry['num_rows']}" for name, entry in entries.items())
-    print(f"wrote {manifest_path} ({sizes})")
+    return splits, lambda entries: build_manifest(
+        args, entries, splits, split_policy, filter_stats, checks, corruption, source_label)
 
 
-def write_run(run_dir: Path, splits: dict[str, list[dict]], make_manifest) -> dict[str, dict]:
-    """Stage the splits and make_manifest(entries) in run_dir, then swap them in; on any failure
-    the old run stays and the staging folder goes. Returns the manifest's split entries."""
-    created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_stages(run_dir)
-    staged = stage_dir(run_dir)
-    try:
-        entries = save_splits(splits, staged)
-        entries["score_pool"] = dict(entries["train_base"], same_rows_as="train_base")
-        write_json_atomic(staged / "manifest.json", make_manifest(entries))
-        swap_in(staged, run_dir)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
-        if created and not any(run_dir.iterdir()):
-            run_dir.rmdir()
+def save_run(staged: Path, run_dir: Path, splits: dict[str, list[dict]],
+             make_manifest) -> dict[str, dict]:
+    """Save the splits and make_manifest(entries) into the staging folder, then swap them into
+    run_dir. Returns the manifest's split entries."""
+    entries = save_splits(splits, staged)
+    entries["score_pool"] = dict(entries["train_base"], same_rows_as="train_base")
+    write_json_atomic(staged / "manifest.json", make_manifest(entries))
+    swap_in(staged, run_dir)
     return entries
 
 

@@ -196,18 +196,25 @@ def publish_dir(staged: Path, final: str | Path) -> None:
 OUTPUT_STAMP = ".written_by.json"
 
 
-def check_output_place(path: str | Path, flag: str, inputs=(), containers=()) -> Path:
-    """The rules every output, file or folder, obeys (check_output_dir and check_output_file call
-    this first): never the working directory or a folder above it; never one of the command's
-    inputs, a folder holding one, or a place inside an input folder (an adapter, a score folder);
-    `containers` are inputs an output may sit inside (the run folder report.py reads and writes
-    its report into) but never be or hold."""
-    path = Path(path)
-    resolved = path.resolve()
+def refuse_working_directory(path: str | Path, flag: str) -> Path:
+    """An output that is the working directory (a checkout, say) or a folder above it would be
+    written into, or replaced, along with everything else there. Returns the resolved path."""
+    resolved = Path(path).resolve()
     cwd = Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents:
         raise PipelineError(f"{flag} {path} is the working directory or a folder above it; "
                             "name a place of its own")
+    return resolved
+
+
+def check_output_place(path: str | Path, flag: str, inputs=(), containers=()) -> Path:
+    """The rules every output, file or folder, obeys (check_output_dir and check_output_file call
+    this first; dataset.py's --run-dir the first of them): never the working directory or a
+    folder above it; never one of the command's inputs, a folder holding one, or a place inside
+    an input folder (an adapter, a score folder); `containers` are inputs an output may sit
+    inside (the run folder report.py reads and writes its report into) but never be or hold."""
+    path = Path(path)
+    resolved = refuse_working_directory(path, flag)
     for item, may_contain in [*((i, False) for i in inputs), *((c, True) for c in containers)]:
         if item is None:
             continue

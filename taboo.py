@@ -68,6 +68,20 @@ def load_instances(path: str | Path) -> dict[tuple[str, int], dict]:
     return instances
 
 
+# The outcomes an episode ends with: clembench's success / lose / aborted and the generator's
+# failure (generate_synthetic_openrouter.py). Read without regard to case ("Success" is a win);
+# any other value is refused where it is read, since it would silently score as a loss.
+OUTCOMES = ("success", "lose", "failure", "aborted")
+
+
+def normalize_outcome(value) -> str | None:
+    """One of OUTCOMES for a string naming it in any case, else None."""
+    if not isinstance(value, str):
+        return None
+    outcome = value.strip().lower()
+    return outcome if outcome in OUTCOMES else None
+
+
 def frequency_level(experiment: str | None) -> str | None:
     """'high_en' -> 'high'. clembench's Taboo experiments are named by the frequency band their
     target words come from; any other experiment name is returned unchanged."""

@@ -3,8 +3,8 @@ themselves (the real sample in ../shared has only 4 episodes, and tests never re
 
 15 target words in three experiments; each word played by three guesser models, with 1-3 turns,
 wins and losses; plus rows that dataset.py --task taboo must drop: aborted episodes, another game,
-the other role. Some rows carry meta.target_word, the others only (experiment, task_id), so their
-target must come from the instances file.
+the other role. Every Taboo row carries its own meta.target_word and meta.related_word (dataset.py
+takes a row's labels from nowhere else); the instances file is the generator's input.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def wordguesser_rows(seed: int = 0) -> list[dict]:
             number = index * len(MODELS) + m
             outcome = "aborted" if number % 11 == 5 else ("success" if number % 3 else "failure")
             rows.append(episode(rng, experiment, ids[target][1], target, related, model, outcome,
-                                with_target=number % 4 != 0, turns=1 + number % 3))
+                                with_target=True, turns=1 + number % 3))
     # foreign rows the filters must drop
     for k in range(3):
         experiment, target, related = GAMES[k]
@@ -122,8 +122,7 @@ def expected_counts(rows: list[dict]) -> dict[str, int]:
                                        and r["meta"]["game_role"] == "WordGuesser"
                                        and r["meta"]["outcome"] == "aborted" for r in rows),
         "rows_kept": len(kept),
-        "target_word_from_meta": sum("target_word" in r["meta"] for r in kept),
-        "target_word_from_instances": sum("target_word" not in r["meta"] for r in kept),
+        "target_word_from_meta": len(kept),
     }
 
 

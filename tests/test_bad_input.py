@@ -71,6 +71,25 @@ def test_drop_bad_rows_counts_them(tmp_path, rows):
     assert stats["total"]["dropped_unflattenable"] == 2
 
 
+def test_messages_stored_as_a_json_string_are_parsed(tmp_path, rows):
+    """Some exports store messages as a JSON string: it is read as the list it holds (and
+    counted), so the run is the one the list gives; a string that is no JSON list is a bad row
+    (tests/test_bad_input_table.py)."""
+    from datasets import load_from_disk
+
+    plain = tiny.write_jsonl(tmp_path / "plain.jsonl", rows)
+    for row in rows[::4]:
+        row["messages"] = json.dumps(row["messages"])
+    encoded = tiny.write_jsonl(tmp_path / "encoded.jsonl", rows)
+    for name, source in (("plain", plain), ("encoded", encoded)):
+        run_script("dataset.py", *dataset_args(tmp_path / name, source))
+    manifest = json.loads((tmp_path / "encoded" / "manifest.json").read_text())
+    assert manifest["filter_stats"]["total"]["messages_parsed_from_json_string"] == len(rows[::4])
+    for split in ("train_base", "attr_query", "eval"):
+        assert load_from_disk(str(tmp_path / "encoded" / "data" / split)).to_list() == \
+            load_from_disk(str(tmp_path / "plain" / "data" / split)).to_list()
+
+
 def test_sizes_larger_than_available(tmp_path, rows):
     source = tiny.write_jsonl(tmp_path / "src.jsonl", rows)
     args = dataset_args(tmp_path / "run", source)

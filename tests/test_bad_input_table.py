@@ -3,9 +3,11 @@
 case's folder (no output, no hidden temp folder). Cases run in-process (the scripts' main() under
 pipeline.run_main), so the table stays fast; each case gets a fresh copy of a small run."""
 
+import hashlib
 import importlib
 import json
 import os
+import platform
 import re
 import shutil
 import stat
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import taboo_fixture
 import tiny
 from conftest import run_script
 
@@ -103,6 +106,40 @@ def write_broken_sources(root: Path) -> None:
         rows = tiny.smoltalk_rows(90, seed=5)
         breakage(rows[3])
         tiny.write_jsonl(root / f"{name}.jsonl", rows)
+    write_label_cases(root)
+
+
+def write_label_cases(root: Path) -> None:
+    """dataset.py's labels, types and messages: chat and Taboo sources broken in row 3, and a run
+    folder another dataset.py run is writing."""
+    breakages = {
+        "category_dict": lambda r: r.update(category={"name": "math"}),
+        "group_list": lambda r: r.update(instruction_id=[1, 2]),
+        "messages_str": lambda r: r.update(messages=json.dumps(r["messages"])[:-3]),
+    }
+    for name, breakage in breakages.items():
+        rows = tiny.smoltalk_rows(90, seed=5)
+        breakage(rows[3])
+        tiny.write_jsonl(root / f"{name}.jsonl", rows)
+    # Taboo: only rows dataset.py keeps, so row 3 is one it reads to the end
+    playable = [r for r in taboo_fixture.wordguesser_rows(seed=0)
+                if r["meta"]["game"] == "taboo" and r["meta"]["game_role"] == "WordGuesser"
+                and r["meta"]["outcome"] != "aborted"]
+    taboo_breakages = {
+        "taboo": lambda m: None,
+        "taboo_no_target": lambda m: m.pop("target_word"),  # its (experiment, task_id) is a game
+        "taboo_target_int": lambda m: m.update(target_word=7),
+        "taboo_no_related": lambda m: m.pop("related_word"),
+        "taboo_outcome_won": lambda m: m.update(outcome="won"),
+    }
+    for name, breakage in taboo_breakages.items():
+        rows = [dict(r, meta=dict(r["meta"])) for r in playable]
+        breakage(rows[3]["meta"])
+        taboo_fixture.write_jsonl(root / f"{name}.jsonl", rows)
+    taboo_fixture.write_instances(root / "instances.json")
+    # a dataset.py run at work in busy_run: its staging folder, named by this (live) process
+    stage = root / "busy_run" / f".dataset-stage.{os.getpid()}@{platform.node()}.a1b2c3.tmp"
+    (stage / "data" / "train_base").mkdir(parents=True)
 
 
 def write_bad_manifests(root: Path) -> None:
@@ -132,8 +169,9 @@ def case_dir(template, tmp_path, monkeypatch):
 
 
 def tree(root: Path) -> dict:
-    """Every path under root (hidden ones too) with its size; folders as None."""
-    return {str(p.relative_to(root)): (None if p.is_dir() else p.stat().st_size)
+    """Every path under root (hidden ones too) with its content's sha256; folders as None."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else
+                                       hashlib.sha256(p.read_bytes()).hexdigest())
             for p in sorted(root.rglob("*"))}
 
 
@@ -157,6 +195,7 @@ def run_case(script: str, argv, capsys) -> str:
 
 M = "run/manifest.json"
 ADAPTER = "run/base_adapter"
+TABOO_SIZES = ["--train-size", 10, "--query-size", 3, "--eval-size", 3]
 
 CASES = {
     # dataset.py
@@ -361,6 +400,57 @@ CASES = {
     "prepare_model: foreign folder with --overwrite": (
         "prepare_model.py", ["--gguf", "chat.jsonl", "--output-dir", "foreign", "--overwrite"],
         ["not written by prepare_model.py"]),
+    # dataset.py: labels, types, messages
+    "dataset: taboo target word from an instances file": (
+        "dataset.py", ["--task", "taboo", "--run-dir", "new", "--dataset-name",
+                       "taboo_no_target.jsonl", "--instances", "instances.json", *TABOO_SIZES],
+        ["--instances", "meta.target_word"]),
+    "dataset: taboo row without its target word": (
+        "dataset.py", ["--task", "taboo", "--run-dir", "new", "--dataset-name",
+                       "taboo_no_target.jsonl", *TABOO_SIZES],
+        ["taboo_no_target.jsonl", "split 'train' row 3", "no meta.target_word",
+         "never looked up"]),
+    "dataset: taboo target word is not a string": (
+        "dataset.py", ["--task", "taboo", "--run-dir", "new", "--dataset-name",
+                       "taboo_target_int.jsonl", *TABOO_SIZES],
+        ["taboo_target_int.jsonl", "row 3", "meta.target_word", "not a string"]),
+    "dataset: taboo row without related words": (
+        "dataset.py", ["--task", "taboo", "--run-dir", "new", "--dataset-name",
+                       "taboo_no_related.jsonl", *TABOO_SIZES],
+        ["taboo_no_related.jsonl", "row 3", "meta.related_word"]),
+    "dataset: taboo outcome unknown": (
+        "dataset.py", ["--task", "taboo", "--run-dir", "new", "--dataset-name",
+                       "taboo_outcome_won.jsonl", *TABOO_SIZES],
+        ["taboo_outcome_won.jsonl", "row 3", "meta.outcome", "'won'", "success, lose"]),
+    "dataset: taboo unknown outcome to drop": (
+        "dataset.py", ["--task", "taboo", "--run-dir", "new", "--dataset-name",
+                       "taboo.jsonl", "--taboo-drop-outcomes", "abortd",
+                       *TABOO_SIZES], ["--taboo-drop-outcomes", "abortd"]),
+    "dataset: category is a dict": (
+        "dataset.py", ["--run-dir", "new", "--dataset-name", "category_dict.jsonl",
+                       "--group-column", "instruction_id"],
+        ["category_dict.jsonl", "row 3", "column category is a dict"]),
+    "dataset: group id is a list": (
+        "dataset.py", ["--run-dir", "new", "--dataset-name", "group_list.jsonl",
+                       "--group-column", "instruction_id"],
+        ["group_list.jsonl", "row 3", "column instruction_id is a list"]),
+    "dataset: a filter drops every row": (
+        "dataset.py", ["--run-dir", "new", "--dataset-name", "chat.jsonl", "--group-column",
+                       "instruction_id", "--max-conversation-tokens", 1],
+        ["chat.jsonl", "dropped every row", "dropped_too_long 90",
+         "--max-conversation-tokens 1"]),
+    "dataset: messages is a string but not JSON": (
+        "dataset.py", ["--run-dir", "new", "--dataset-name", "messages_str.jsonl",
+                       "--group-column", "instruction_id"],
+        ["messages_str.jsonl", "row 3", "column messages", "not a JSON list"]),
+    "dataset: second run on a folder another run is writing": (
+        "dataset.py", ["--run-dir", "busy_run", "--dataset-name", "chat.jsonl",
+                       "--group-column", "instruction_id", "--train-size", 30, "--query-size", 6,
+                       "--eval-size", 6], ["--run-dir busy_run", "another dataset.py run"]),
+    "dataset: run dir is the working directory": (
+        "dataset.py", ["--run-dir", ".", "--dataset-name", "chat.jsonl", "--group-column",
+                       "instruction_id", "--train-size", 30, "--query-size", 6, "--eval-size", 6,
+                       "--overwrite"], ["--run-dir .", "working directory"]),
 }
 
 

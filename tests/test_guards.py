@@ -7,6 +7,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -171,6 +172,9 @@ def test_data_folder_with_foreign_content_is_refused(tmp_path, rows):
 
 
 def test_stale_staging_folder_of_a_dead_process_is_removed(tmp_path, rows):
+    """A dead run's staging folder is removed; a live run's (here this test's own pid) means
+    another dataset.py is writing the folder, so the run stops and leaves it (it used to go on
+    beside it); another host's is left alone, its process cannot be checked from here."""
     source = tiny.write_jsonl(tmp_path / "src.jsonl", rows)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -182,10 +186,39 @@ def test_stale_staging_folder_of_a_dead_process_is_removed(tmp_path, rows):
     other_host = run_dir / f".dataset-stage.{gone.pid}@not-{host}.q7r8s9.tmp"
     for folder in (dead, live, other_host):
         (folder / "data" / "train_base").mkdir(parents=True)
-    result = run_script("dataset.py", *dataset_args(run_dir, source))
+    result = run_script("dataset.py", *dataset_args(run_dir, source), expect_ok=False)
+    one_error(result, "another dataset.py run", live.name)
     assert f"removed {dead}" in result.stdout
     assert not dead.exists() and live.is_dir() and other_host.is_dir()
-    assert (run_dir / "manifest.json").is_file()
+    assert not (run_dir / "manifest.json").exists()
+    shutil.rmtree(live)                                  # that run is over
+    run_script("dataset.py", *dataset_args(run_dir, source))
+    assert other_host.is_dir() and (run_dir / "manifest.json").is_file()
+
+
+def test_second_run_on_a_folder_being_written_stops(tmp_path, rows, monkeypatch):
+    """Two dataset.py runs on one folder at once, without --overwrite: both found no manifest
+    when they started, so the later swap used to replace the earlier run's without a word. The
+    second now stops (its error names the first) and the first finishes as if alone."""
+    import dataset
+
+    source = tiny.write_jsonl(tmp_path / "src.jsonl", rows)
+    run_dir = tmp_path / "run"
+    real_build = dataset.build_run
+    second = []
+
+    def build_while_another_starts(args):
+        if not second:  # the first run, between its start and its swap
+            second.append(run_script("dataset.py", *dataset_args(run_dir, source, seed=7),
+                                     expect_ok=False))
+        return real_build(args)
+
+    monkeypatch.setattr(dataset, "build_run", build_while_another_starts)
+    dataset.main([str(a) for a in dataset_args(run_dir, source)])
+    one_error(second[0], f"--run-dir {run_dir}", "another dataset.py run")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["split_policy"]["seed"] == 42
+    assert temp_left(run_dir) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +286,26 @@ def test_nan_reward_never_passes_min_reward(tmp_path, rows):
         assert all(s >= 0.0 for s in scores)
 
 
+def test_group_id_written_as_int_and_float_is_one_group(tmp_path, rows):
+    """instruction_id 5 in one row and 5.0 in another (JSON writers differ) is one instruction:
+    one group, in one split, named g5 (it used to be two groups that could land in two
+    splits)."""
+    from datasets import load_from_disk
+
+    for number, row in enumerate(rows):
+        if number % 2:
+            row["instruction_id"] = float(row["instruction_id"])
+    source = tiny.write_jsonl(tmp_path / "src.jsonl", rows)
+    run_script("dataset.py", *dataset_args(tmp_path / "run", source))
+    places = {}
+    for split in ("train_base", "attr_query", "eval"):
+        for row in load_from_disk(str(tmp_path / "run" / "data" / split)).to_list():
+            instruction = int(rows[int(row["row_id"].split(":")[1])]["instruction_id"])
+            assert row["group_id"].endswith(f"::g{instruction}"), row["group_id"]
+            places.setdefault(instruction, set()).add(split)
+    assert places and all(len(splits) == 1 for splits in places.values()), places
+
+
 def test_taboo_row_without_outcome_or_experiment(tmp_path):
     rows = [dict(r, meta=dict(r["meta"])) for r in taboo_fixture.wordguesser_rows(seed=0)]
     playable = [i for i, r in enumerate(rows) if r["meta"]["game"] == "taboo"
@@ -260,9 +313,8 @@ def test_taboo_row_without_outcome_or_experiment(tmp_path):
     rows[playable[0]]["meta"].pop("outcome")
     rows[playable[1]]["meta"]["experiment"] = ""
     source = taboo_fixture.write_jsonl(tmp_path / "t.jsonl", rows)
-    instances = taboo_fixture.write_instances(tmp_path / "instances.json")
     args = ["--task", "taboo", "--run-dir", tmp_path / "run", "--dataset-name", source,
-            "--instances", instances, "--train-size", 20, "--query-size", 4, "--eval-size", 4]
+            "--train-size", 20, "--query-size", 4, "--eval-size", 4]
     error = one_error(run_script("dataset.py", *args, expect_ok=False))
     assert "'meta.outcome' in 1 row(s)" in error and "'meta.experiment' in 1 row(s)" in error
     run_script("dataset.py", *args, "--drop-null-groups")

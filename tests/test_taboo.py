@@ -4,6 +4,7 @@ the tiny model."""
 
 import json
 import math
+from collections import Counter
 
 import pytest
 
@@ -136,13 +137,12 @@ def test_mcnemar_hand_computed():
 def taboo_source(tmp_path_factory):
     folder = tmp_path_factory.mktemp("taboo_src")
     rows = taboo_fixture.wordguesser_rows(seed=0)
-    return {"rows": rows, "jsonl": taboo_fixture.write_jsonl(folder / "playpen.jsonl", rows),
-            "instances": taboo_fixture.write_instances(folder / "instances.json")}
+    return {"rows": rows, "jsonl": taboo_fixture.write_jsonl(folder / "playpen.jsonl", rows)}
 
 
 def taboo_split_args(run_dir, source, *extra, seed=42):
     return ["--task", "taboo", "--run-dir", run_dir, "--dataset-name", source["jsonl"],
-            "--instances", source["instances"], "--train-size", SIZES["train"],
+            "--train-size", SIZES["train"],
             "--query-size", SIZES["query"], "--eval-size", SIZES["eval"], "--seed", seed, *extra]
 
 
@@ -183,15 +183,15 @@ def test_taboo_manifest_splits_words_and_filters(taboo_run, taboo_source):
     for key, value in expected.items():
         assert total.get(key, 0) == value, key
     assert total["conversation_tokens_proxy"] == expected["rows_kept"]
-    assert manifest["taboo"]["instances"].endswith("instances.json")
+    assert "instances" not in manifest["taboo"]
 
     # column mapping, checked against the source rows
     by_index = dict(enumerate(taboo_source["rows"]))
-    instances = {(e, g): t for t, (e, g) in taboo_fixture.task_ids().items()}
     for row in splits["train_base"].to_list() + splits["eval"].to_list():
         source = by_index[int(row["row_id"].split(":")[1])]
         meta = source["meta"]
-        assert row["target_word"] == instances[(meta["experiment"], meta["task_id"])]
+        assert row["target_word"] == meta["target_word"]
+        assert row["related_words"] == meta["related_word"]
         assert row["category"] == meta["experiment"]
         assert row["difficulty"] == meta["experiment"].split("_")[0]
         assert row["quality"] == meta["outcome"] != "aborted"
@@ -226,35 +226,66 @@ def test_taboo_same_seed_same_split_and_filters_flags(tmp_path, taboo_source):
         assert set(load_from_disk(str(tmp_path / "c" / "data" / split))["quality"]) == {"success"}
 
 
-def test_taboo_unrecoverable_target_is_named_or_dropped(tmp_path, taboo_source):
+def test_taboo_row_without_its_target_is_named_or_dropped(tmp_path, taboo_source):
+    """A row's target word is its own: one without meta.target_word is refused (or dropped and
+    counted), never looked up by (experiment, task_id) in an instances file, where the same game
+    may have another word in another clembench version. (This test used to check that lookup.)"""
     rows = [dict(r, meta=dict(r["meta"])) for r in taboo_source["rows"]]
     victim = next(i for i, r in enumerate(rows) if r["meta"]["game"] == "taboo"
                   and r["meta"]["game_role"] == "WordGuesser"
                   and r["meta"]["outcome"] != "aborted")
-    rows[victim]["meta"].pop("target_word", None)
-    rows[victim]["meta"]["task_id"] = 99
+    rows[victim]["meta"].pop("target_word")     # its (experiment, task_id) is a real game
     source = dict(taboo_source, jsonl=taboo_fixture.write_jsonl(tmp_path / "bad.jsonl", rows))
     result = run_script("dataset.py", *taboo_split_args(tmp_path / "run", source),
                         expect_ok=False)
     assert result.returncode == 2
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("error:") and "bad.jsonl" in error and f"row {victim}" in error
-    assert "task_id 99" in error and "instances.json" in error
-    assert not (tmp_path / "run" / "manifest.json").exists()
+    assert "meta.target_word" in error
+    assert not (tmp_path / "run").exists()
     run_script("dataset.py", *taboo_split_args(tmp_path / "run", source, "--drop-bad-rows"))
     total = load(tmp_path / "run" / "manifest.json")["filter_stats"]["total"]
     assert total["dropped_no_target"] == 1
-    # without an instances file at all, the missing file is named
-    result = run_script("dataset.py", "--task", "taboo", "--run-dir", tmp_path / "run2",
-                        "--dataset-name", source["jsonl"], "--train-size", 5, "--query-size", 2,
-                        "--eval-size", 2, cwd=tmp_path, expect_ok=False)
-    assert result.returncode == 2 and "instances file" in result.stderr
-    assert "--instances" in result.stderr
+    assert total["target_word_from_meta"] == total["flattened"]
+    # the flag that named an instances file is refused, with what to do instead
+    instances = taboo_fixture.write_instances(tmp_path / "instances.json")
+    result = run_script("dataset.py", *taboo_split_args(tmp_path / "run2", source),
+                        "--instances", instances, expect_ok=False)
+    assert result.returncode == 2 and "--instances" in result.stderr
+    assert "meta.target_word" in result.stderr and not (tmp_path / "run2").exists()
+
+
+def test_taboo_outcomes_are_read_without_regard_to_case(tmp_path, taboo_source):
+    """"Success" is a win and " Aborted" is dropped as "success" and "aborted" are: every row's
+    quality and reward are its lower-case outcome's, and the counts are the all-lower-case
+    source's."""
+    from datasets import load_from_disk
+
+    rows = [dict(r, meta=dict(r["meta"])) for r in taboo_source["rows"]]
+    cased = {"success": "Success", "failure": "FAILURE", "aborted": " Aborted"}
+    for row in rows[1::2]:
+        row["meta"]["outcome"] = cased[row["meta"]["outcome"]]
+    source = dict(taboo_source, jsonl=taboo_fixture.write_jsonl(tmp_path / "cased.jsonl", rows))
+    run_script("dataset.py", *taboo_split_args(tmp_path / "run", source))
+    manifest = load(tmp_path / "run" / "manifest.json")
+    expected = taboo_fixture.expected_counts(taboo_source["rows"])
+    assert manifest["filter_stats"]["total"]["dropped_outcome_aborted"] == \
+        expected["dropped_outcome_aborted"]
+    seen = Counter()
+    for split in ("train_base", "attr_query", "eval"):
+        for row in load_from_disk(str(tmp_path / "run" / "data" / split)).to_list():
+            index = int(row["row_id"].split(":")[1])
+            outcome = taboo_source["rows"][index]["meta"]["outcome"]
+            assert row["quality"] == outcome
+            assert row["reward_model_score"] == (1.0 if outcome == "success" else 0.0)
+            seen[rows[index]["meta"]["outcome"]] += 1
+        assert set(manifest["taboo"]["outcomes_per_split"][split]) <= {"success", "failure"}
+    assert seen["Success"] and seen["success"]     # both spellings were read as wins
 
 
 def test_taboo_help_and_group_column_rejected(tmp_path, taboo_source):
     out = run_script("dataset.py", "--help").stdout
-    for flag in ("--task", "--instances", "--taboo-game", "--taboo-role",
+    for flag in ("--task", "meta.target_word", "--taboo-game", "--taboo-role",
                  "--taboo-drop-outcomes", "reward_model_score", "frequency level"):
         assert flag in out
     result = run_script("dataset.py", *taboo_split_args(tmp_path / "r", taboo_source),

@@ -141,8 +141,7 @@ def small_taboo(tmp_path_factory):
     """The fixture of test_taboo.py (15 words), small enough for the tiny model's CPU runs."""
     folder = tmp_path_factory.mktemp("small_taboo")
     rows = taboo_fixture.wordguesser_rows(seed=1)
-    return {"jsonl": taboo_fixture.write_jsonl(folder / "playpen.jsonl", rows),
-            "instances": taboo_fixture.write_instances(folder / "instances.json")}
+    return {"jsonl": taboo_fixture.write_jsonl(folder / "playpen.jsonl", rows)}
 
 
 @pytest.mark.parametrize("text_format", ["flat", "chat"])
@@ -158,8 +157,8 @@ def test_bergson_sees_finetune_ids_in_both_formats(tmp_path, tiny_model, small_t
 
     run = tmp_path / "run"
     run_script("dataset.py", "--task", "taboo", "--run-dir", run, "--dataset-name",
-               small_taboo["jsonl"], "--instances", small_taboo["instances"], "--train-size", 20,
-               "--query-size", 5, "--eval-size", 6, "--text-format", text_format)
+               small_taboo["jsonl"], "--train-size", 20, "--query-size", 5, "--eval-size", 6,
+               "--text-format", text_format)
     run_script("finetune.py", "train", "--preset", "fast", "--manifest", run / "manifest.json",
                "--base-model", tiny_model, "--output-dir", run / "base_adapter", "--max-steps", 1,
                "--lora-rank", 4, "--max-length", 256, "--eval-split", "none")
