@@ -70,9 +70,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline import (PipelineError, provenance, publish_dir, run_main, seed_type, staging_dir,
-                      write_json_atomic, write_jsonl_atomic)
+from pipeline import (OUTPUT_STAMP, PipelineError, check_output_dir, provenance, publish_dir,
+                      run_main, seed_type, stamp_output, staging_dir, write_json_atomic,
+                      write_jsonl_atomic)
 from taboo import DEFAULT_INSTANCES, clue_violations, load_instances, parse_guess, same_word
+
+SCRIPT = "generate_synthetic_openrouter.py"
 
 DEFAULT_API_BASE = "https://openrouter.ai/api/v1"
 DEFAULT_TEMPLATES_DIR = "../shared/data/taboo/"
@@ -712,11 +715,18 @@ def check_config(out_dir: Path, config: dict) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
+    out_dir = Path(args.output_dir)
+    # a folder of games is this script's own (it resumes there); an earlier run's folder from
+    # before the stamp is known by its config.json
+    if (out_dir / CONFIG_FILE).is_file() and not (out_dir / OUTPUT_STAMP).exists():
+        stamp_output(out_dir, SCRIPT)
+    check_output_dir(out_dir, None, SCRIPT, add_to=True,
+                     inputs=[args.instances, args.word_list, args.templates_dir])
     key = api_key(args.api_key_env)
     words, word_source = load_word_source(args)
     templates = load_templates(args.templates_dir)
-    out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    stamp_output(out_dir, SCRIPT)
     config = {
         "describer_model": args.describer_model, "seed": args.seed, "max_turns": args.max_turns,
         "words_sha256": hashlib.sha256(json.dumps(words, sort_keys=True).encode()).hexdigest(),

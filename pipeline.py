@@ -254,6 +254,9 @@ def check_output_dir(path: str | Path, overwrite: bool, script: str, inputs=(),
     if path.is_dir() and any(path.iterdir()):
         writer = output_writer(path)
         if not overwrite and not (add_to and writer == script):
+            if overwrite is None:   # the script has no --overwrite
+                raise PipelineError(f"{flag} {path} is not empty and was not written by "
+                                    f"{script}: name another folder")
             raise PipelineError(f"{flag} {path} exists and is not empty "
                                 "(pass --overwrite to replace it)")
         if writer != script:

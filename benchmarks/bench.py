@@ -52,10 +52,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline import (PipelineError, base_model_of_adapter, length_sorted_batches,  # noqa: E402
-                      load_base_model, load_manifest, load_split, load_tokenizer, pad_batch,
+from pipeline import (PipelineError, base_model_of_adapter, check_output_dir,  # noqa: E402
+                      length_sorted_batches, load_base_model, load_manifest, load_split, load_tokenizer, pad_batch,
                       provenance, read_jsonl, run_main, token_nll_sums, tokenize_split,
-                      write_json_atomic, write_selection_manifest)
+                      stamp_output, write_json_atomic, write_selection_manifest)
 
 # A step's rows and tokens are the verdict recipe's budgets where that matters: fast = 8 rows a
 # step in one micro-batch (the "8 rows x 2048"); verdict_arm = an arm's 4096 supervised
@@ -468,6 +468,9 @@ def markdown(result: dict, n_params: int) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    # the bench folder is rewritten whole: only one bench.py wrote, never the checkout or an input
+    out = check_output_dir(args.output_dir, True, "bench.py",
+                           inputs=[args.manifest, args.adapter_path])
     import torch
 
     if not torch.cuda.is_available() and not args.allow_cpu:
@@ -480,9 +483,9 @@ def main(argv=None) -> None:
     if not args.adapter_path and not args.base_model:
         raise PipelineError("give --base-model (or --adapter-path, whose base model is used)")
     base_model = args.base_model or base_model_of_adapter(args.adapter_path)
-    out = Path(args.output_dir)
     shutil.rmtree(out, ignore_errors=True)
     (out / "logs").mkdir(parents=True)
+    stamp_output(out, "bench.py")
     manifest = bench_rows(args.manifest, args.split, args.rows, out)
     rows = tokenized_rows(manifest, base_model, args.max_length)
     tokens = sum(len(r["input_ids"]) for r in rows)

@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline import PipelineError, read_json, read_jsonl, run_main, write_json_atomic  # noqa: E402
+from pipeline import (PipelineError, check_output_dir, read_json, read_jsonl,  # noqa: E402
+                      run_main, staged_output, write_json_atomic)
 
 
 def parse_args(argv=None):
@@ -133,6 +134,9 @@ def to_markdown(rows: list[dict], notes: list[str]) -> str:
 def main(argv=None):
     args = parse_args(argv)
     run_dir = Path(args.run_dir)
+    if args.output_dir:
+        check_output_dir(args.output_dir, True, "multigpu_compare.py", inputs=[args.log],
+                         containers=[run_dir])
     walls = step_walls(args.log)
     rows, notes = [], []
     for step, compare in STEPS.items():
@@ -148,9 +152,9 @@ def main(argv=None):
     markdown = to_markdown(rows, notes)
     print(markdown)
     if args.output_dir:
-        out = Path(args.output_dir)
-        write_json_atomic(out / "multigpu.json", {"steps": rows, "notes": notes})
-        (out / "multigpu.md").write_text(markdown)
+        with staged_output(args.output_dir, "multigpu_compare.py") as out:
+            write_json_atomic(out / "multigpu.json", {"steps": rows, "notes": notes})
+            (out / "multigpu.md").write_text(markdown)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import (PipelineError, load_model_with_adapter, pick_dtype, provenance,  # noqa: E402
-                      run_main, write_json_atomic)
+from pipeline import (PipelineError, check_output_file, load_model_with_adapter,  # noqa: E402
+                      pick_dtype, provenance, run_main, write_json_atomic)
 
 
 def parse_args(argv=None):
@@ -33,7 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--scores-from", "--score-dir", dest="score_dir", required=True, metavar="DIR",
                    help="a score.py output folder (its --output-dir, run with --keep-gradients); "
                         "--score-dir is the old spelling")
-    p.add_argument("--output-json", default=None, help="default: <scores-from>/score_speed.json")
+    p.add_argument("--output-json", default=None,
+                   help="default: <scores-from>_speed.json, beside the score folder (never in it)")
     p.add_argument("--floor-repeats", type=int, default=1, help="passes of the floor loop")
     return p.parse_args(argv)
 
@@ -106,6 +107,8 @@ def timed_floor(summary: dict, score_dir: Path, adapter: Path, repeats: int) -> 
 def main(argv=None) -> None:
     args = parse_args(argv)
     score_dir = Path(args.score_dir)
+    output = check_output_file(args.output_json or score_dir.with_name(score_dir.name + "_speed.json"),
+                               "score_speed.py", inputs=[score_dir])
     summary = json.loads((score_dir / "summary.json").read_text())
     if not (score_dir / "bergson" / "query_index").is_dir():
         raise PipelineError(f"{score_dir} has no bergson/query_index: rerun score.py with "
@@ -136,7 +139,7 @@ def main(argv=None) -> None:
                   k: summary[k] for k in ("score_mode", "preconditioning_mode", "projection_dim",
                                           "precision", "token_batch_size", "attention", "gpu")},
               "provenance": provenance()}
-    write_json_atomic(args.output_json or score_dir / "score_speed.json", result)
+    write_json_atomic(output, result)
     print(f"| step | seconds | tokens/s | floor / step |\n|---|---|---|---|")
     for name, row in table.items():
         print(f"| {name} | {row['seconds']:.1f} | {row['tokens_per_second']:.0f} | "

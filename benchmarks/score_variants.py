@@ -23,8 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import (PipelineError, load_manifest, load_split, provenance, read_json,  # noqa: E402
-                      read_jsonl, run_main, write_json_atomic)
+from pipeline import (PipelineError, check_output_dir, load_manifest, load_split,  # noqa: E402
+                      provenance, read_json, read_jsonl, run_main, staged_output,
+                      write_json_atomic)
 
 
 def parse_args(argv=None):
@@ -134,6 +135,8 @@ def main(argv=None):
         if not sep or not name:
             raise PipelineError(f"--variant {item}: expected NAME=DIR")
         variants.append((name, Path(folder)))
+    check_output_dir(args.output_dir, True, "score_variants.py",
+                     inputs=[args.manifest, *(folder for _, folder in variants)])
     manifest = load_manifest(args.manifest)
     first_summary = read_json(variants[0][1] / "summary.json", "variant summary")
     split = load_split(manifest, first_summary.get("train_split", "train_base"))
@@ -153,12 +156,12 @@ def main(argv=None):
         row, tops[name] = variant_row(name, scores, summary, pool, args.k)
         rows.append(row)
     overlap = {a: {b: len(tops[a] & tops[b]) for b in tops} for a in tops}
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "table.json", {"k": args.k, "variants": rows, "top_k_overlap": overlap,
-                                           "provenance": provenance(manifest=args.manifest)})
     table = render(rows, overlap, args.k)
-    (out / "table.md").write_text(table)
+    with staged_output(args.output_dir, "score_variants.py") as out:
+        write_json_atomic(out / "table.json", {"k": args.k, "variants": rows,
+                                               "top_k_overlap": overlap,
+                                               "provenance": provenance(manifest=args.manifest)})
+        (out / "table.md").write_text(table)
     print(table)
 
 

@@ -17,7 +17,7 @@ import pytest
 
 import taboo_fixture
 import tiny
-from conftest import run_script
+from conftest import run_script, script_module
 
 import pipeline
 
@@ -176,7 +176,7 @@ def tree(root: Path) -> dict:
 
 
 def run_case(script: str, argv, capsys) -> str:
-    module = importlib.import_module(script.removesuffix(".py"))
+    module = script_module(script)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         pipeline.run_main(lambda: module.main([str(a) for a in argv]))
@@ -382,6 +382,16 @@ CASES = {
     "rank_windows: --output inside its --scores-from": (
         "rank_windows.py", ["--scores-from", "good_scores", "--output", "good_scores/m.json",
                             "--top", 3], ["good_scores", "inside the input"]),
+    "generator: --output-dir is score.py's folder": (
+        "generate_synthetic_openrouter.py", ["--output-dir", "run/scores", "--describer-model", "d",
+                                             "--guesser-models", "g"],
+        ["run/scores", "not written by generate_synthetic_openrouter.py"]),
+    "bench: --output-dir is the working directory": (
+        "benchmarks/bench.py", ["--manifest", M, "--base-model", "m", "--output-dir", "."],
+        ["working directory"]),
+    "score_variants: --output-dir is a variant's folder": (
+        "benchmarks/score_variants.py", ["--manifest", M, "--variant", "a=good_scores",
+                                         "--output-dir", "good_scores"], ["good_scores", "input"]),
     # score files of other content than the pool (same row ids): refused like --scores-from
     "score: --arm-scores of a corrupted twin": (
         "score.py", ["--manifest", M, "--scores-from", "good_scores", "--arms", "attribution,twin",
