@@ -392,6 +392,9 @@ CASES = {
     "score_variants: --output-dir is a variant's folder": (
         "benchmarks/score_variants.py", ["--manifest", M, "--variant", "a=good_scores",
                                          "--output-dir", "good_scores"], ["good_scores", "input"]),
+    "dataset: --run-dir is score.py's folder": (
+        "dataset.py", ["--run-dir", "run/scores", "--dataset-name", "chat.jsonl", "--train-size",
+                       10], ["run/scores", "score.py wrote"]),
     # score files of other content than the pool (same row ids): refused like --scores-from
     "score: --arm-scores of a corrupted twin": (
         "score.py", ["--manifest", M, "--scores-from", "good_scores", "--arms", "attribution,twin",
