@@ -103,8 +103,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import (MANIFEST_SCHEMA_VERSION, PipelineError, SPLIT_COLUMNS, TEXT_FORMATS,
-                      output_writer, provenance, refuse_working_directory, relative_to,
-                      run_main, seed_type, write_json_atomic)
+                      provenance, refuse_working_directory, relative_to, run_main, seed_type,
+                      stamped_owner, write_json_atomic)
 from taboo import (OUTCOMES, frequency_level, normalize_outcome, normalize_word, parse_guess,
                    same_word)
 
@@ -1016,11 +1016,10 @@ def check_run_dir(run_dir: Path, overwrite: bool, source_label: str) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise PipelineError(f"--run-dir {run_dir} exists and is not a folder")
     # a run folder holds many scripts' outputs, but is never one script's own output folder
-    owner = next((p for p in [run_dir.resolve(), *run_dir.resolve().parents]
-                  if output_writer(p)), None)
+    owner = stamped_owner(run_dir)
     if owner is not None:
-        raise PipelineError(f"--run-dir {run_dir} lies in {owner}, a folder "
-                            f"{output_writer(owner)} wrote: name a run folder of its own")
+        raise PipelineError(f"--run-dir {run_dir} lies in {owner[0]}, a folder {owner[1]} "
+                            "wrote: name a run folder of its own")
     manifest_path = run_dir / "manifest.json"
     if manifest_path.exists() and not overwrite:
         raise PipelineError(f"{manifest_path} already exists (pass --overwrite to replace it)")

@@ -277,9 +277,9 @@ def check_output_file(path: str | Path, script: str, flag: str = "--output-json"
     path = check_output_place(path, flag, inputs)
     if path.is_dir():
         raise PipelineError(f"{flag} {path} is a folder; name a file")
-    owner = next((p for p in path.resolve().parents if output_writer(p)), None)
-    if owner is not None and output_writer(owner) != script:
-        raise PipelineError(f"{flag} {path} lies in {owner}, a folder {output_writer(owner)} "
+    owner = stamped_owner(path.parent)
+    if owner is not None and owner[1] != script:
+        raise PipelineError(f"{flag} {path} lies in {owner[0]}, a folder {owner[1]} "
                             "wrote: name a place outside it")
     if path.exists():
         if overwrite is False:
@@ -304,6 +304,16 @@ def file_writer(path: str | Path) -> str | None:
         return Path(data["provenance"]["argv"][0]).name
     except (OSError, ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError):
         return None
+
+
+def stamped_owner(path: str | Path) -> tuple[Path, str] | None:
+    """(folder, script) of the nearest folder at or above path whose stamp names its writer."""
+    resolved = Path(path).resolve()
+    for folder in [resolved, *resolved.parents]:
+        writer = output_writer(folder)
+        if writer:
+            return folder, writer
+    return None
 
 
 def output_writer(path: str | Path) -> str | None:

@@ -4,15 +4,12 @@ a process, and process-liveness checks. Session fixtures over these live in conf
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT, run_script
+from conftest import run_script
 
 SIZES = dict(train=160, query=40, eval=40)
 MAX_LEN = 256
@@ -111,14 +108,9 @@ def assert_bergson_sees_finetune_ids(run_dir, out):
 
 
 def runner(recipe, run_dir, *args, expect_ok=True):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, str(ROOT / "run_experiment.py"), str(recipe),
-                             "--run-dir", str(run_dir), *map(str, args)],
-                            capture_output=True, text=True, cwd=ROOT, env=env)
-    if expect_ok and result.returncode != 0:
-        raise AssertionError(f"runner failed ({result.returncode}):\n{result.stdout}\n"
-                             f"{result.stderr[-4000:]}")
-    return result
+    """run_experiment.py as its own process (its steps, lock and signals are processes)."""
+    return run_script("run_experiment.py", recipe, "--run-dir", run_dir, *args,
+                      expect_ok=expect_ok, process=True)
 
 
 def decisions(stdout: str) -> dict[str, str]:

@@ -4,7 +4,6 @@ case's folder (no output, no hidden temp folder). Cases run in-process (the scri
 pipeline.run_main), so the table stays fast; each case gets a fresh copy of a small run."""
 
 import hashlib
-import importlib
 import json
 import os
 import platform
@@ -17,7 +16,7 @@ import pytest
 
 import taboo_fixture
 import tiny
-from conftest import run_script, script_module
+from conftest import run_script
 
 import pipeline
 
@@ -175,17 +174,14 @@ def tree(root: Path) -> dict:
             for p in sorted(root.rglob("*"))}
 
 
-def run_case(script: str, argv, capsys) -> str:
-    module = script_module(script)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        pipeline.run_main(lambda: module.main([str(a) for a in argv]))
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err[-2000:]
+def run_case(script: str, argv) -> str:
+    """One case in-process, in the case folder: exit 2 and exactly one error line."""
+    result = run_script(script, *argv, expect_ok=False, cwd=Path.cwd())
+    assert result.returncode == 2, result.stderr[-2000:]
     # ours: "error: ..."; argparse's usage errors: "<prog>: error: ..."
-    lines = [line for line in err.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines()
              if re.match(r"^([\w. -]+: )?error: ", line)]
-    assert len(lines) == 1, err[-2000:]
+    assert len(lines) == 1, result.stderr[-2000:]
     return lines[0]
 
 
@@ -468,22 +464,22 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input_case(name, case_dir, capsys):
+def test_bad_input_case(name, case_dir):
     script, argv, words = CASES[name]
     before = tree(case_dir)
-    line = run_case(script, argv, capsys)
+    line = run_case(script, argv)
     for word in words:
         assert str(word) in line, f"{name}: {line!r} does not name {word!r}"
     assert tree(case_dir) == before, f"{name}: the case left something behind"
 
 
-def test_unwritable_output_places_are_refused_before_work(case_dir, capsys):
+def test_unwritable_output_places_are_refused_before_work(case_dir):
     """A parent that is a file, and (as a non-root user) a read-only folder."""
     line = run_case("eval_loss.py", ["--manifest", M, "--adapter-path", ADAPTER,
-                                     "--output-json", "chat.jsonl/e.json"], capsys)
+                                     "--output-json", "chat.jsonl/e.json"])
     assert "cannot be written" in line and "chat.jsonl" in line
     line = run_case("train_sae.py", ["--manifest", M, "--layer", 0, "--output-dir",
-                                     "chat.jsonl/sae"], capsys)
+                                     "chat.jsonl/sae"])
     assert "cannot be written" in line
     if os.geteuid() != 0:  # root writes into read-only folders
         locked = case_dir / "locked"
@@ -491,7 +487,7 @@ def test_unwritable_output_places_are_refused_before_work(case_dir, capsys):
         locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
         try:
             line = run_case("eval_loss.py", ["--manifest", M, "--adapter-path", ADAPTER,
-                                             "--output-json", "locked/e.json"], capsys)
+                                             "--output-json", "locked/e.json"])
             assert "cannot be written" in line
         finally:
             locked.chmod(0o755)
